@@ -1,0 +1,1 @@
+"""Triton kernels and their launchers (installed as sr3fast.kernels). No model knowledge here."""

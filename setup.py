@@ -1,0 +1,129 @@
+"""Build script: the Python package plus the optional C++/CUDA extension ``sr3fast._C``.
+
+The extension's sources are listed once, in ``csrc/sources.txt`` (also read by CMakeLists.txt).
+Environment switches:
+  SR3FAST_SKIP_EXT=1      build no extension (pure Python + Triton)
+  SR3FAST_SKIP_CUDA=1     build the CPU half only, even when a CUDA toolkit is present
+  SR3FAST_REQUIRE_EXT=1   fail the install when the extension does not build (CI sets it);
+                          otherwise a failed build is reported and the library falls back
+  TORCH_CUDA_ARCH_LIST    CUDA targets (default: Ampere and Hopper, "8.0;9.0")
+  MAX_JOBS                parallel compile jobs (read by torch's build_ext)
+"""
+import os
+import sys
+from pathlib import Path
+
+from setuptools import find_packages, setup
+
+ROOT = Path(__file__).resolve().parent
+CSRC = ROOT / "csrc"
+
+
+def _flag(name: str) -> bool:
+    return os.environ.get(name, "0").lower() in ("1", "true", "yes", "on")
+
+
+def _find_cuda_home():
+    """The CUDA toolkit root, or None. `nvcc` on PATH may be a wrapper script outside the
+    toolkit, so torch's own guess (the folder above `which nvcc`) can be wrong: prefer an
+    explicit CUDA_HOME/CUDA_PATH, then the standard install location."""
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        home = os.environ.get(var)
+        if home and (Path(home) / "bin" / "nvcc").exists():
+            return home
+    for home in ("/usr/local/cuda", "/opt/cuda"):
+        if (Path(home) / "bin" / "nvcc").exists():
+            return str(Path(home).resolve())
+    return None
+
+
+def _listed_sources():
+    """Paths from csrc/sources.txt, relative to the repository root ('#' starts a comment)."""
+    listing = CSRC / "sources.txt"
+    if not listing.exists():
+        return []
+    names = []
+    for line in listing.read_text().splitlines():
+        line = line.split("#", 1)[0].strip()
+        if line:
+            names.append(f"csrc/{line}")
+    return names
+
+
+def _extensions():
+    if _flag("SR3FAST_SKIP_EXT"):
+        return [], {}
+    sources = _listed_sources()
+    if not sources:
+        return [], {}
+    cuda_home = None if _flag("SR3FAST_SKIP_CUDA") else _find_cuda_home()
+    if cuda_home:
+        # Must be set before torch.utils.cpp_extension is imported: it reads CUDA_HOME once.
+        os.environ["CUDA_HOME"] = cuda_home
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    try:
+        import torch
+        from torch.utils import cpp_extension
+    except ImportError:
+        print("sr3fast: torch is not installed at build time; building no C++ extension "
+              "(install torch first and use --no-build-isolation)", file=sys.stderr)
+        return [], {}
+
+    with_cuda = bool(cuda_home) and torch.version.cuda is not None
+    if not with_cuda:
+        sources = [s for s in sources if not s.endswith(".cu")]
+    openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
+    cxx = ["-O3", "-std=c++17", *openmp]
+    define_macros = [("SR3FAST_WITH_CUDA", "1")] if with_cuda else []
+    kwargs = dict(
+        name="sr3fast._C",
+        sources=sources,
+        include_dirs=[str(CSRC)],
+        define_macros=define_macros,
+        extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "--use_fast_math",
+                                                 "-lineinfo"]} if with_cuda else {"cxx": cxx},
+        extra_link_args=openmp,
+        py_limited_api=False,
+        optional=not _flag("SR3FAST_REQUIRE_EXT"),
+    )
+    ext = cpp_extension.CUDAExtension(**kwargs) if with_cuda else cpp_extension.CppExtension(**kwargs)
+    build_ext = cpp_extension.BuildExtension.with_options(use_ninja=True)
+    return [ext], {"build_ext": build_ext}
+
+
+ext_modules, cmdclass = _extensions()
+
+setup(
+    name="sr3fast",
+    version="0.1.0",
+    description="Fast SR3 diffusion super-resolution: fused Triton/CUDA kernels, a pure-PyTorch "
+                "reference, and loaders for public SR3 checkpoints",
+    long_description=(ROOT / "README.md").read_text() if (ROOT / "README.md").exists() else "",
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    # kernels/ (Triton) lives at the top level of the repository and installs as sr3fast.kernels.
+    packages=find_packages(include=["sr3fast", "sr3fast.*"]) + ["sr3fast.kernels"],
+    package_dir={"sr3fast.kernels": "kernels"},
+    install_requires=[
+        "torch>=2.5",
+        "numpy",
+        "safetensors>=0.4",
+        "pillow>=9",
+        "tqdm>=4.60",
+    ],
+    extras_require={
+        "triton": ["triton>=3.0"],
+        "test": [
+            "pytest>=7",
+            "hypothesis>=6",
+            "pytest-benchmark>=4",
+            "scikit-image>=0.21",
+            "expecttest",
+        ],
+    },
+    entry_points={"console_scripts": ["sr3fast=sr3fast.cli:main"]},
+    ext_modules=ext_modules,
+    cmdclass=cmdclass,
+    zip_safe=False,
+)
