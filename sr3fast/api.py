@@ -1,0 +1,175 @@
+"""The public entry points: load a model, save it, upscale images."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from .checkpoint import CheckpointError, check_state_dict, read_checkpoint, save_checkpoint
+from .images import from_unit_batch, to_unit_batch
+
+NO_DEFAULT_MODEL = (
+    "sr3fast ships no trained weights yet, so upscale() needs model=: a checkpoint of the public SR3 "
+    "code with its JSON (sr3fast.load('I1000000_E37_gen.pth', config='sr_sr3_16_128.json')), an "
+    "sr3fast checkpoint (sr3fast.load('model.safetensors'), e.g. from `sr3fast convert` or "
+    "`sr3fast train`), or a preset name for a randomly initialised model (sr3fast.presets())."
+)
+
+
+def load(source, config=None, device=None, dtype=None):
+    """An `SR3` model, in eval mode, from
+
+    - a preset name (`sr3fast.presets()`): the architecture with freshly initialised weights;
+    - an sr3fast checkpoint (`.safetensors`, the config is inside);
+    - a checkpoint of the public SR3 code (`*_gen.pth`) with its JSON config as `config=`
+      (a path or the parsed dict; `//` comments are fine).
+
+    device, dtype: where and in which precision to put the weights.
+    Mismatched weights raise CheckpointError listing missing, unexpected and mis-shaped keys.
+    """
+    from .model import SR3, build, presets
+
+    if isinstance(source, SR3):
+        model = source
+    elif isinstance(source, str) and source in presets():
+        if config is not None:
+            raise ValueError(f"config= is for public checkpoints; {source!r} is a preset name")
+        model = build(source)
+    else:
+        path = Path(source)
+        if not path.exists():
+            known = ", ".join(sorted(presets()))
+            raise FileNotFoundError(f"{str(source)!r} is neither an existing file nor a preset name "
+                                    f"(presets: {known})")
+        model = _load_public(path, config) if not _is_safetensors(path) else _load_sr3fast(path, config)
+    if device is not None or dtype is not None:
+        model = model.to(device=device, dtype=dtype)
+    return model.eval()
+
+
+def save(model, path: str | os.PathLike) -> Path:
+    """Write `model` as an sr3fast checkpoint (safetensors + config), atomically."""
+    return save_checkpoint(path, model.state_dict(), model.config.to_dict())
+
+
+def _is_safetensors(path: Path) -> bool:
+    # A safetensors file starts with an 8-byte header length followed by the JSON header.
+    with open(path, "rb") as handle:
+        head = handle.read(9)
+    return len(head) == 9 and head[8:9] == b"{"
+
+
+def _load_sr3fast(path: Path, config):
+    from .model import SR3Config
+
+    if config is not None:
+        raise ValueError(f"{str(path)!r} is an sr3fast checkpoint with its config inside; drop config=")
+    config_dict, state, _ = read_checkpoint(path)
+    try:
+        sr3_config = SR3Config.from_dict(config_dict)
+    except (KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f"{str(path)!r} holds an invalid sr3fast config: {err}") from None
+    weights = {key: value for key, value in state.items() if key.startswith("unet.")}
+    return _instantiate(sr3_config, weights, source=repr(str(path)))
+
+
+def _load_public(path: Path, config):
+    from .compat import public_sr3
+    from .model import SR3Config
+
+    if config is None:
+        raise ValueError(f"{str(path)!r} is not an sr3fast checkpoint; if it is a *_gen.pth of the public "
+                         "SR3 code, pass the JSON config it was trained with: "
+                         "sr3fast.load(path, config='config/sr_sr3_16_128.json')")
+    sr3_config = config if isinstance(config, SR3Config) else public_sr3.sr3_config_from_public(config)
+    state = public_sr3.to_sr3fast_state(public_sr3.read_public_checkpoint(path))
+    hint = ("Pass the JSON config this checkpoint was trained with (unet.inner_channel, "
+            "channel_multiplier, res_blocks, attn_res, norm_groups — 32 when absent — and "
+            "diffusion.image_size, which places the attention layers).")
+    return _instantiate(sr3_config, state, source=repr(str(path)), hint=hint)
+
+
+def _instantiate(config, state: dict[str, torch.Tensor], source: str, hint: str = ""):
+    """Build the architecture without initialising it, check the weights fit, then adopt them."""
+    from .model import SR3
+
+    config.unet.validate()
+    with torch.device("meta"):
+        skeleton = SR3(config)
+    expected = {name: tensor.shape for name, tensor in skeleton.state_dict().items()}
+    check_state_dict(expected, state, source, hint)
+    skeleton.load_state_dict(state, strict=True, assign=True)
+    if any(t.is_meta for t in (*skeleton.parameters(), *skeleton.buffers())):
+        model = SR3(config)                  # a buffer outside the state_dict: build it for real
+        model.load_state_dict(state, strict=True)
+        return model
+    return skeleton
+
+
+def _default_sampler(model) -> str:
+    # Public checkpoints were trained and sampled with x0-clipping and the posterior variance;
+    # the paper's Algorithm 2 is the default for the paper architecture.
+    return "posterior" if model.config.unet.variant == "public" else "sr3"
+
+
+@torch.no_grad()
+def upscale(x, model=None, *, steps: int = 100, sampler: str | None = None, seed: int | None = None,
+            progress: bool = True, noise: str = "torch", schedule=None):
+    """Super-resolve `x` with SR3 (Algorithm 2 of the paper, or the sampler named).
+
+    x: float tensor (B, 3, h, w) in [0, 1], uint8 tensor, PIL image, or image path. Returns the
+    same kind (a PIL image for a path), `high_res // low_res` times larger. The condition is x
+    upsampled bicubically to the output size, as in the paper. Sizes the U-Net cannot take are
+    padded (reflection) and cropped back.
+
+    model: an SR3 (sr3fast.load) or anything sr3fast.load accepts. steps: sampling steps, over the
+    model's training noise schedule respaced to `steps` g values (SR3 conditions on the noise level,
+    so any schedule works without retraining), or over `schedule` (a NoiseSchedule or a schedule
+    dict) when given. sampler: 'posterior' (x0-clipped, posterior variance: how public checkpoints
+    were sampled), 'sr3' (Algorithm 2) or 'ddim'; default by architecture. seed: same seed, same
+    image (noise='torch' draws the noise with torch on the model's device, so every backend gives
+    the same image; 'kernel' lets fused backends draw it in-kernel).
+    """
+    from .diffusion import NoiseSchedule, respace, sample
+
+    if model is None:
+        raise ValueError(NO_DEFAULT_MODEL)
+    if not hasattr(model, "predict_noise"):
+        model = load(model)
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    images, kind = to_unit_batch(x)
+    parameter = next(model.parameters())
+    device, dtype = parameter.device, parameter.dtype
+    config = model.config
+
+    height, width = images.shape[-2] * config.high_res // config.low_res, \
+        images.shape[-1] * config.high_res // config.low_res
+    # antialias=True makes torch's bicubic the same kernel as PIL's (a = -0.5), which is how the
+    # public code prepared its sr_{low}_{high} condition images.
+    condition = F.interpolate(images.to(device) * 2 - 1, size=(height, width), mode="bicubic",
+                              align_corners=False, antialias=True).clamp(-1, 1)
+    condition = _pad_to_multiple(condition, model.size_multiple)
+
+    if schedule is None:
+        schedule = respace(NoiseSchedule.from_config(config.schedule), steps)
+    elif isinstance(schedule, dict):
+        schedule = NoiseSchedule.from_config(schedule)
+    generator = torch.Generator(device=device)
+    generator.manual_seed(seed if seed is not None else int(torch.randint(2**62, ()).item()))
+
+    result = sample(sampler or _default_sampler(model), model, condition.to(dtype), schedule,
+                    generator=generator, noise=noise, progress=progress)
+    result = result[..., :height, :width].float()
+    return from_unit_batch((result + 1) / 2, kind)
+
+
+def _pad_to_multiple(images: torch.Tensor, multiple: int) -> torch.Tensor:
+    pad_h, pad_w = -images.shape[-2] % multiple, -images.shape[-1] % multiple
+    if not (pad_h or pad_w):
+        return images
+    # Reflection needs the pad to be smaller than the side; tiny images are replicated instead.
+    small = pad_h >= images.shape[-2] or pad_w >= images.shape[-1]
+    return F.pad(images, (0, pad_w, 0, pad_h), mode="replicate" if small else "reflect")

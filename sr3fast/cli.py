@@ -1,0 +1,136 @@
+"""The `sr3fast` command line (also `python -m sr3fast`)."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from .images import IMAGE_SUFFIXES
+
+
+def _collect_inputs(paths: list[str]) -> list[Path]:
+    """Image files named directly, plus the images directly inside named folders (sorted)."""
+    files = []
+    for name in paths:
+        path = Path(name)
+        if path.is_dir():
+            found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+            if not found:
+                raise SystemExit(f"sr3fast: folder {name!r} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+            files.extend(found)
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise SystemExit(f"sr3fast: input {name!r} does not exist")
+    return files
+
+
+def _output_paths(inputs: list[Path], output: str) -> list[Path]:
+    """One output path per input. OUT is a file when one input is given and OUT has an image
+    suffix; otherwise a folder (created if its parent exists) receiving <stem>.png per input."""
+    out = Path(output)
+    if len(inputs) == 1 and out.suffix.lower() in IMAGE_SUFFIXES:
+        if not out.parent.is_dir():
+            raise SystemExit(f"sr3fast: output folder {str(out.parent)!r} does not exist")
+        return [out]
+    if out.suffix.lower() in IMAGE_SUFFIXES:
+        raise SystemExit(f"sr3fast: {len(inputs)} inputs need an output folder, not the file {output!r}")
+    if not out.is_dir():
+        if not out.parent.is_dir():
+            raise SystemExit(f"sr3fast: cannot create output folder {output!r}: "
+                             f"{str(out.parent)!r} does not exist")
+        out.mkdir()
+    targets = [out / f"{path.stem}.png" for path in inputs]
+    if len(set(targets)) != len(targets):
+        raise SystemExit("sr3fast: two inputs share a file name stem; upscale them into separate folders")
+    return targets
+
+
+def cmd_upscale(args) -> int:
+    import sr3fast
+    from .images import save_image_atomic
+
+    if args.steps < 1:
+        raise SystemExit(f"sr3fast: --steps must be at least 1, got {args.steps}")
+    inputs = _collect_inputs(args.inputs)
+    outputs = _output_paths(inputs, args.output)
+    model = sr3fast.load(args.model, config=args.config, device=args.device)
+    for index, (source, target) in enumerate(zip(inputs, outputs)):
+        image = sr3fast.upscale(source, model=model, steps=args.steps, sampler=args.sampler,
+                                seed=None if args.seed is None else args.seed + index,
+                                progress=not args.quiet)
+        save_image_atomic(image, target)
+        print(f"{source} -> {target} ({image.width}x{image.height})")
+    return 0
+
+
+def cmd_convert(args) -> int:
+    import sr3fast
+
+    model = sr3fast.load(args.checkpoint, config=args.config)
+    path = sr3fast.save(model, args.output)
+    params = sum(p.numel() for p in model.parameters())
+    print(f"wrote {path} ({params:,} parameters, {model.config.low_res}->{model.config.high_res})")
+    return 0
+
+
+def cmd_presets(args) -> int:
+    from .model import presets
+
+    for name, config in presets().items():
+        print(f"{name:16s} {config.low_res:>4d}->{config.high_res:<5d} {config.description}")
+    return 0
+
+
+def cmd_backends(args) -> int:
+    import sr3fast
+
+    print(sr3fast.explain_backend(args.device))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sr3fast", description="Fast SR3 diffusion super-resolution")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    up = commands.add_parser("upscale", help="super-resolve images")
+    up.add_argument("inputs", nargs="+", help="image files or folders of images")
+    up.add_argument("-o", "--output", required=True,
+                    help="output image (one input) or folder (written as <name>.png)")
+    up.add_argument("--model", required=True,
+                    help="sr3fast checkpoint, public *_gen.pth (with --config) or preset name")
+    up.add_argument("--config", help="JSON config of a public SR3 checkpoint")
+    up.add_argument("--steps", type=int, default=100, help="sampling steps (default 100)")
+    up.add_argument("--sampler", choices=("posterior", "sr3", "ddim"), default=None,
+                    help="default: posterior for public checkpoints, sr3 for paper models")
+    up.add_argument("--seed", type=int, default=None, help="seed for reproducible samples")
+    up.add_argument("--device", default=None, help="e.g. cuda, cpu (default: where the model loads)")
+    up.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    up.set_defaults(run=cmd_upscale)
+
+    convert = commands.add_parser("convert", help="public SR3 checkpoint + config -> sr3fast checkpoint")
+    convert.add_argument("checkpoint", help="*_gen.pth of the public SR3 code")
+    convert.add_argument("--config", required=True, help="its JSON config")
+    convert.add_argument("-o", "--output", required=True, help="the .safetensors file to write")
+    convert.set_defaults(run=cmd_convert)
+
+    listing = commands.add_parser("presets", help="list the model presets")
+    listing.set_defaults(run=cmd_presets)
+
+    which = commands.add_parser("backends", help="which backend runs each op, and why")
+    which.add_argument("--device", default="cpu")
+    which.set_defaults(run=cmd_backends)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except (ValueError, FileNotFoundError, IsADirectoryError) as err:
+        print(f"sr3fast {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

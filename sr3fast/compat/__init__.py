@@ -1,0 +1,1 @@
+"""Formats of other SR3 codebases (checkpoints, configs) mapped onto sr3fast's."""
