@@ -14,27 +14,28 @@ from .backends import backend, explain_backend, get_backend, set_backend
 
 __version__ = "0.1.0"
 
-# public name -> module that defines it (imported on first attribute access, PEP 562)
+# public name -> (module that defines it, attribute; None for the module itself), imported on
+# first attribute access (PEP 562)
 _LAZY = {
-    "load": "sr3fast.api",
-    "upscale": "sr3fast.api",
-    "save": "sr3fast.api",
-    "SR3": "sr3fast.model",
-    "presets": "sr3fast.model",
-    "accelerate": "sr3fast.accelerate",
-    "ops": "sr3fast.ops",
-    "reference": "sr3fast.reference",
+    "load": ("sr3fast.api", "load"),
+    "upscale": ("sr3fast.api", "upscale"),
+    "save": ("sr3fast.api", "save"),
+    "SR3": ("sr3fast.model", "SR3"),
+    "presets": ("sr3fast.model", "presets"),
+    "accelerate": ("sr3fast.acceleration", "accelerate"),
+    "ops": ("sr3fast.ops", None),
+    "reference": ("sr3fast.reference", None),
 }
 
 __all__ = ["backend", "explain_backend", "get_backend", "set_backend", *_LAZY]
 
 
 def __getattr__(name):
-    module_name = _LAZY.get(name)
-    if module_name is None:
+    if name not in _LAZY:
         raise AttributeError(f"module 'sr3fast' has no attribute {name!r}")
+    module_name, attribute = _LAZY[name]
     module = import_module(module_name)
-    value = module if module.__name__ == f"sr3fast.{name}" else getattr(module, name)
+    value = module if attribute is None else getattr(module, attribute)
     globals()[name] = value
     return value
 
