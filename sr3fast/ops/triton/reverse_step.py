@@ -1,0 +1,88 @@
+"""Triton backend of reverse_step, registered as the custom op `sr3fast::reverse_step_triton`.
+
+The op is `(y_t, eps, coefs, noise?, seed?, clip?) -> y_prev`: a pure function of its inputs.
+Randomness enters only through `seed`, a (1,) int64 device tensor that `reverse_step` draws per
+call with torch's own RNG:
+
+    seed = torch.randint(0, 2**63 - 1, (1,), generator=generator, device=y_t.device)
+
+and that the kernel reads from device memory as its Philox key. Why this way:
+  - no host round trip and no Python number per step: compiled graphs do not recompile, and a
+    CUDA graph captures the draw like any other torch random op, so each replay draws a fresh
+    key from the generator's advancing offset, and re-seeding the generator reproduces a run;
+  - `generator=` (or the device's default generator) is the only source of randomness, so
+    torch.manual_seed / a seeded torch.Generator make sampling reproducible;
+  - statistically: each call gets an independent 63-bit key (a collision between any two of
+    n calls has probability about n²/2⁶⁴), and within a call each element has its own Philox
+    counter (see kernels/reverse_step.py), so z is independent across elements and calls up to
+    the quality of Philox4x32-10, a counter-based generator designed for exactly this use.
+    torch.compile's own generated kernels draw random numbers the same way.
+The in-kernel z is a different stream from torch.randn's, so it is tested statistically.
+
+Autograd: the update is linear in y_t and eps (through the clamp's mask), so the backward is
+implemented for those two (plain torch ops, recomputing x0 for the mask; not a hot path).
+Gradients for coefs or noise raise NotImplementedError; use the reference backend for them.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch.library import triton_op
+
+from sr3fast.kernels.reverse_step import launch_reverse_step
+
+_SEED_HIGH = 2**63 - 1  # keys in [0, 2**63 - 1): 63 random bits of Philox's 64-bit key
+
+
+@triton_op("sr3fast::reverse_step_triton", mutates_args=())
+def reverse_step_triton(y_t: torch.Tensor, eps: torch.Tensor, coefs: torch.Tensor,
+                        noise: Optional[torch.Tensor], seed: Optional[torch.Tensor],
+                        clip: Optional[float]) -> torch.Tensor:
+    """y_prev; z is `noise` when given, else drawn in-kernel from Philox keyed by `seed`."""
+    return launch_reverse_step(y_t, eps, coefs, noise, seed, clip)
+
+
+def _setup_context(ctx, inputs, output):
+    y_t, eps, coefs, noise, seed, clip = inputs
+    ctx.clip = clip
+    ctx.dtypes = (y_t.dtype, eps.dtype)
+    # y_t and eps only decide the clamp's mask; without a clip they are not needed.
+    ctx.save_for_backward(coefs, *((y_t, eps) if clip is not None else ()))
+
+
+def _backward(ctx, grad):
+    if ctx.needs_input_grad[2] or ctx.needs_input_grad[3]:
+        raise NotImplementedError(
+            "sr3fast reverse_step (triton backend) has no gradient for coefs or noise, only for "
+            "y_t and eps; run it under sr3fast.backend('reference') to differentiate through them")
+    coefs, *y_and_eps = ctx.saved_tensors
+    shape = (coefs.shape[0],) + (1,) * (grad.dim() - 1)
+    a, b, m0, m1 = (coefs[:, k].reshape(shape) for k in range(4))
+    if ctx.clip is not None:
+        y_t, eps = y_and_eps
+        x0 = a * y_t.float() - b * eps.float()
+        m0 = torch.where((x0 >= -ctx.clip) & (x0 <= ctx.clip), m0, 0.0)  # clamp passes or blocks
+    grad = grad.float()
+    grad_y = grad * (m0 * a + m1) if ctx.needs_input_grad[0] else None
+    grad_eps = grad * (-m0 * b) if ctx.needs_input_grad[1] else None
+    return (None if grad_y is None else grad_y.to(ctx.dtypes[0]),
+            None if grad_eps is None else grad_eps.to(ctx.dtypes[1]),
+            None, None, None, None)
+
+
+reverse_step_triton.register_autograd(_backward, setup_context=_setup_context)
+
+
+def draw_seed(device: torch.device, generator: torch.Generator | None = None) -> torch.Tensor:
+    """A (1,) int64 Philox key on `device`, drawn with `generator` (default: the device's)."""
+    return torch.randint(0, _SEED_HIGH, (1,), generator=generator, device=device,
+                         dtype=torch.int64)
+
+
+def reverse_step(y_t: torch.Tensor, eps: torch.Tensor, coefs: torch.Tensor,
+                 noise: torch.Tensor | None = None, clip: float | None = None,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+    """sr3fast.reference.reverse_step run by one Triton kernel; arguments checked by sr3fast.ops."""
+    seed = draw_seed(y_t.device, generator) if noise is None else None
+    return reverse_step_triton(y_t, eps, coefs, noise, seed, clip)

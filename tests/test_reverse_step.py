@@ -1,0 +1,496 @@
+"""reverse_step: every fast backend against the reference, the reference against independent
+formulations, in-kernel noise by its statistics, and the op's registration (opcheck, compile,
+CUDA graphs).
+
+fp32 tolerance, derived: each of the update's fp32 operations rounds to within half an ulp of
+its result, and every intermediate is bounded by the "magnitudes involved"
+M = |m0|·(|a·y| + |b·eps|) + |m1·y| + |sigma·z|. Either evaluation order (with or without FMA
+contraction) is within 3·eps32·M of the exact value, so two of them differ by at most 6·eps32·M
+(the clamp is 1-Lipschitz and does not add to it), plus one fp32 `tiny` for a flushed subnormal.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import sr3fast
+from sr3fast import ops, reference
+from support import DEVICE, assert_within_baseline, fast_backend_params, fp32_atol, report
+
+EPS32 = torch.finfo(torch.float32).eps
+BACKENDS = fast_backend_params("reverse_step")
+TRITON_ONLY = [p for p in BACKENDS if p.id == "triton"]
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+# ---------------------------------------------------------------------------------- helpers
+
+def _generator(seed: int, device=DEVICE) -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(seed)
+
+
+def _coefs(batch: int, seed: int, device=DEVICE) -> torch.Tensor:
+    """(B, 5) float32, different per sample, in the ranges SR3 schedules produce: a = 1/sqrt(g)
+    and b = sqrt(1-g)/sqrt(g) up to ~10 at high noise, posterior weights m0, m1 in [0, 1]."""
+    g = _generator(seed, "cpu")
+    lo = torch.tensor([1.0, 0.0, 0.0, 0.0, 0.0])
+    hi = torch.tensor([10.0, 10.0, 1.0, 1.0, 0.5])
+    return (lo + (hi - lo) * torch.rand(batch, 5, generator=g)).to(device)
+
+
+def _inputs(shape, seed: int, dtype=torch.float32, device=DEVICE):
+    """y_t ~ N(0, 1), eps ~ N(0, 1), z ~ N(0, 1) of `shape` and per-sample coefs."""
+    g = _generator(seed, "cpu")
+    y, eps, z = (torch.randn(shape, generator=g).to(device, dtype) for _ in range(3))
+    return y, eps, z, _coefs(shape[0], seed + 1, device)
+
+
+def _magnitudes(y, eps, z, coefs) -> torch.Tensor:
+    """M = |m0|(|a y| + |b eps|) + |m1 y| + |sigma z| elementwise, in float64."""
+    c = coefs.double().reshape(coefs.shape[0], 5, *([1] * (y.dim() - 1)))
+    a, b, m0, m1, sigma = c.unbind(dim=1)
+    y, eps, z = y.double(), eps.double(), z.double()
+    return m0.abs() * ((a * y).abs() + (b * eps).abs()) + (m1 * y).abs() + (sigma * z).abs()
+
+
+def _assert_fp32_close(name, actual, expected, magnitudes, ulps=6):
+    """|actual - expected| <= ulps·eps32·M + tiny elementwise (see the module docstring)."""
+    report(name, actual, expected)
+    bound = ulps * EPS32 * magnitudes + torch.finfo(torch.float32).tiny
+    excess = (actual.double() - expected.double()).abs() - bound.to(actual.device)
+    assert excess.max().item() <= 0, f"{name}: exceeds {ulps}·eps32·M by {excess.max().item():.3e}"
+
+
+def _fast(backend, *args, **kwargs):
+    with sr3fast.backend(backend):
+        return ops.reverse_step(*args, **kwargs)
+
+
+# Shapes: numel per sample below one 4096-element block, not a multiple of anything (odd),
+# spanning two blocks with a ragged tail, 1x1 spatial, and batch 1.
+SHAPES = {
+    "odd": (3, 3, 5, 7),
+    "two-blocks-ragged": (3, 3, 33, 47),
+    "1x1": (3, 8, 1, 1),
+    "batch1": (1, 3, 16, 16),
+}
+
+
+# ------------------------------------------------------------------ the reference op itself
+
+def test_reference_matches_algorithm_2():
+    """With the posterior-mean coefficients and sigma = sqrt(1 - alpha), the x0 form must equal
+    the paper's Algorithm 2 update, written here directly in float64:
+    y_{t-1} = (y_t - (1 - alpha)/sqrt(1 - g) eps) / sqrt(alpha) + sqrt(1 - alpha) z."""
+    batch = 3
+    y, eps, z, _ = _inputs((batch, 3, 8, 8), seed=1)
+    alpha = torch.tensor([0.999, 0.98, 0.6], dtype=torch.float64, device=DEVICE)
+    g = torch.tensor([0.95, 0.3, 0.01], dtype=torch.float64, device=DEVICE)
+    g_prev = g / alpha
+    coefs = torch.stack([
+        1 / g.sqrt(),
+        (1 - g).sqrt() / g.sqrt(),
+        g_prev.sqrt() * (1 - alpha) / (1 - g),
+        alpha.sqrt() * (1 - g_prev) / (1 - g),
+        (1 - alpha).sqrt(),
+    ], dim=1).float()
+    actual = reference.reverse_step(y, eps, coefs, noise=z)
+    shape = (batch, 1, 1, 1)
+    alpha, g = alpha.reshape(shape), g.reshape(shape)
+    expected = ((y.double() - (1 - alpha) / (1 - g).sqrt() * eps.double()) / alpha.sqrt()
+                + (1 - alpha).sqrt() * z.double())
+    # Coefficient rounding to fp32 adds at most eps32·M to the 3·eps32·M of the arithmetic.
+    _assert_fp32_close("reference vs Algorithm 2", actual, expected, _magnitudes(y, eps, z, coefs))
+
+
+def test_reference_clip_matches_per_sample_loop():
+    """The clamped x0 form against a float64 loop over samples using masks instead of clamp."""
+    y, eps, z, coefs = _inputs((3, 2, 6, 5), seed=2)
+    clip = 1.0
+    actual = reference.reverse_step(y, eps, coefs, noise=z, clip=clip)
+    rows = []
+    for i in range(y.shape[0]):
+        a, b, m0, m1, sigma = coefs[i].double().tolist()
+        x0 = a * y[i].double() - b * eps[i].double()
+        x0 = torch.where(x0 > clip, clip, torch.where(x0 < -clip, -clip, x0))
+        rows.append(m0 * x0 + m1 * y[i].double() + sigma * z[i].double())
+    _assert_fp32_close("reference vs loop", actual, torch.stack(rows), _magnitudes(y, eps, z, coefs))
+
+
+def test_reference_draws_noise_from_generator():
+    y, eps, z, coefs = _inputs((2, 3, 4, 4), seed=3)
+    drawn = reference.reverse_step(y, eps, coefs, generator=_generator(7))
+    given_z = reference.reverse_step(y, eps, coefs, noise=torch.randn(y.shape, generator=_generator(7),
+                                                                      device=DEVICE))
+    assert torch.equal(drawn, given_z)
+
+
+# ------------------------------------------------------------- fast backends, given noise
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("clip", [None, 1.0], ids=["noclip", "clip"])
+@pytest.mark.parametrize("shape", SHAPES.values(), ids=SHAPES.keys())
+def test_given_noise_matches_reference_fp32(backend, shape, clip):
+    y, eps, z, coefs = _inputs(shape, seed=10)
+    expected = reference.reverse_step(y, eps, coefs, noise=z, clip=clip)
+    actual = _fast(backend, y, eps, coefs, noise=z, clip=clip)
+    assert actual.dtype == y.dtype and actual.shape == y.shape
+    _assert_fp32_close(f"{backend} {shape} clip={clip}", actual, expected,
+                       _magnitudes(y, eps, z, coefs))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_per_sample_coefficients_are_not_mixed(backend):
+    """B = 3 with one sample's coefficients zeroed: only that sample's output is zero."""
+    y, eps, z, coefs = _inputs((3, 2, 9, 9), seed=11)
+    coefs[1] = 0.0
+    actual = _fast(backend, y, eps, coefs, noise=z)
+    assert torch.count_nonzero(actual[1]) == 0
+    assert torch.count_nonzero(actual[0]) == actual[0].numel()
+    _assert_fp32_close(f"{backend} per-sample", actual,
+                       reference.reverse_step(y, eps, coefs, noise=z), _magnitudes(y, eps, z, coefs))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_broadcast_coefficient_row(backend):
+    """coefs may be one row expanded over the batch (stride 0), as a sampler's table row is."""
+    y, eps, z, coefs = _inputs((3, 2, 5, 5), seed=12)
+    row = coefs[:1].expand(3, 5)
+    _assert_fp32_close(f"{backend} expanded coefs", _fast(backend, y, eps, row, noise=z),
+                       reference.reverse_step(y, eps, row, noise=z), _magnitudes(y, eps, z, row))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_clip_propagates_nan(backend):
+    """A NaN from a diverging model must stay NaN through the clip, as with torch.clamp."""
+    y, eps, z, coefs = _inputs((2, 1, 4, 4), seed=13)
+    eps[1, 0, 2, 3] = float("nan")
+    actual = _fast(backend, y, eps, coefs, noise=z, clip=1.0)
+    assert torch.isnan(actual[1, 0, 2, 3])
+    assert torch.isnan(actual).sum() == 1
+
+
+# --------------------------------------------------------------------------- layouts
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("noise_given", [True, False], ids=["noise", "in-kernel"])
+def test_channels_last_stays_channels_last(backend, noise_given):
+    y, eps, z, coefs = (t.contiguous(memory_format=torch.channels_last) if t.dim() == 4 else t
+                        for t in _inputs((2, 5, 6, 7), seed=20))
+    actual = _fast(backend, y, eps, coefs, noise=z if noise_given else None, generator=_generator(0))
+    assert actual.is_contiguous(memory_format=torch.channels_last)
+    if noise_given:
+        _assert_fp32_close(f"{backend} channels-last", actual,
+                           reference.reverse_step(y, eps, coefs, noise=z),
+                           _magnitudes(y, eps, z, coefs))
+    else:  # sigma = 0 removes the noise, whose order follows memory: compare the rest exactly
+        coefs[:, 4] = 0.0
+        actual = _fast(backend, y, eps, coefs, generator=_generator(0))
+        _assert_fp32_close(f"{backend} channels-last sigma=0", actual,
+                           reference.reverse_step(y, eps, coefs, noise=torch.zeros_like(y)),
+                           _magnitudes(y, eps, z * 0, coefs))
+
+
+def _layouts(y, eps, z):
+    """(name, y, eps, z) in layouts that leave the fast path: mixed, strided views, batch inner."""
+    cl = torch.channels_last
+    return [
+        ("y channels-last, eps/z contiguous", y.contiguous(memory_format=cl), eps, z),
+        ("eps channels-last, y/z contiguous", y, eps.contiguous(memory_format=cl), z),
+        ("strided view", *(torch.stack([t, t], dim=-1)[..., 0] for t in (y, eps, z))),
+        ("batch innermost", *(t.permute(1, 2, 3, 0).contiguous().permute(3, 0, 1, 2)
+                              for t in (y, eps, z))),
+    ]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_layout_fallbacks(backend):
+    y, eps, z, coefs = _inputs((2, 3, 5, 6), seed=21)
+    expected = reference.reverse_step(y, eps, coefs, noise=z, clip=2.0)
+    for name, yl, el, zl in _layouts(y, eps, z):
+        actual = _fast(backend, yl, el, coefs, noise=zl, clip=2.0)
+        _assert_fp32_close(f"{backend} {name}", actual, expected, _magnitudes(y, eps, z, coefs))
+        if yl.is_contiguous(memory_format=torch.channels_last):
+            assert actual.is_contiguous(memory_format=torch.channels_last), name
+
+
+# -------------------------------------------------------------------- reduced precision
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("clip", [None, 1.0], ids=["noclip", "clip"])
+def test_reduced_precision_within_baseline(backend, dtype, clip):
+    """DESIGN.md's three-way rule: fp32 reference on the same (rounded) inputs, the fast op in
+    `dtype`, and plain torch computing the update in `dtype`."""
+    y, eps, z, coefs = _inputs((3, 3, 17, 19), seed=30, dtype=dtype)
+    expected = reference.reverse_step(y.float(), eps.float(), coefs, noise=z.float(), clip=clip)
+    actual = _fast(backend, y, eps, coefs, noise=z, clip=clip)
+    assert actual.dtype == dtype
+    a, b, m0, m1, sigma = coefs.to(dtype).reshape(3, 5, 1, 1, 1).unbind(dim=1)
+    x0 = a * y - b * eps
+    if clip is not None:
+        x0 = x0.clamp(-clip, clip)
+    baseline = m0 * x0 + m1 * y + sigma * z
+    atol = fp32_atol(1, _magnitudes(y, eps, z, coefs).max().item())
+    assert_within_baseline(f"{backend} {dtype}", actual, expected, baseline, atol)
+
+
+# ------------------------------------------------------------------- in-kernel noise
+
+def _unit_noise_coefs(batch: int) -> torch.Tensor:
+    """a = b = m0 = m1 = 0, sigma = 1: y_prev is exactly the drawn z."""
+    coefs = torch.zeros(batch, 5, device=DEVICE)
+    coefs[:, 4] = 1.0
+    return coefs
+
+
+def _corr(u: torch.Tensor, v: torch.Tensor) -> float:
+    u, v = u.double().flatten(), v.double().flatten()
+    u, v = u - u.mean(), v - v.mean()
+    return (u @ v / (u.norm() * v.norm())).item()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_in_kernel_noise_statistics(backend):
+    """z must look like iid N(0, 1). Every bound is 6 standard deviations of its estimator under
+    that hypothesis (a false alarm about once in 5e8 per check), with n draws:
+    mean: sd 1/sqrt(n); variance: sd sqrt(2/n); P(|z| < 1): sd sqrt(p(1-p)/n); the sample
+    correlation of two independent fields of m elements: sd 1/sqrt(m)."""
+    batch, shape = 4, (4, 1, 128, 128)
+    y = torch.zeros(shape, device=DEVICE)
+    z = _fast(backend, y, y, _unit_noise_coefs(batch), generator=_generator(1)).double()
+    n = z.numel()
+    mean, var = z.mean().item(), z.var().item()
+    p = math.erf(1 / math.sqrt(2))
+    inside = (z.abs() < 1).double().mean().item()
+    print(f"n={n} mean={mean:.2e} var={var:.5f} P(|z|<1)={inside:.5f} (expected {p:.5f})")
+    assert abs(mean) <= 6 / math.sqrt(n)
+    assert abs(var - 1) <= 6 * math.sqrt(2 / n)
+    assert abs(inside - p) <= 6 * math.sqrt(p * (1 - p) / n)
+    per_sample = z.shape[1:].numel()
+    between_samples = _corr(z[0], z[1])
+    # Elements a quarter-block apart share one Philox evaluation in the Triton kernel; the
+    # test holds for any backend, since they must be independent whatever the generator.
+    flat = z[0].flatten()
+    quarter_apart = _corr(flat[:-1024], flat[1024:])
+    neighbours = _corr(flat[:-1], flat[1:])
+    print(f"corr: between samples {between_samples:.2e}, 1024 apart {quarter_apart:.2e}, "
+          f"neighbours {neighbours:.2e}")
+    for value in (between_samples, quarter_apart, neighbours):
+        assert abs(value) <= 6 / math.sqrt(per_sample - 1024)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_in_kernel_noise_seeding(backend):
+    """Same generator seed => same output; successive calls and other seeds => fresh noise; the
+    default generator is used when none is given and torch.manual_seed reproduces it."""
+    y, eps, _, coefs = _inputs((2, 3, 20, 20), seed=40)
+    gen = _generator(5)
+    first, second = (_fast(backend, y, eps, coefs, generator=gen) for _ in range(2))
+    again = _fast(backend, y, eps, coefs, generator=_generator(5))
+    other = _fast(backend, y, eps, coefs, generator=_generator(6))
+    assert torch.equal(first, again)
+    assert not torch.equal(first, second) and not torch.equal(first, other)
+    # fresh noise everywhere, not only somewhere: all but (by chance) a few elements differ
+    assert (first != second).float().mean().item() > 0.99
+    torch.manual_seed(123)
+    default_a = _fast(backend, y, eps, coefs)
+    torch.manual_seed(123)
+    default_b = _fast(backend, y, eps, coefs)
+    assert torch.equal(default_a, default_b)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("clip", [None, 1.0], ids=["noclip", "clip"])
+def test_sigma_zero_is_exactly_noise_free(backend, clip):
+    y, eps, z, coefs = _inputs((3, 3, 11, 13), seed=41)
+    coefs[:, 4] = 0.0
+    drawn = _fast(backend, y, eps, coefs, clip=clip, generator=_generator(2))
+    zero_noise = _fast(backend, y, eps, coefs, noise=torch.zeros_like(y), clip=clip)
+    assert torch.equal(drawn, zero_noise)
+    _assert_fp32_close(f"{backend} sigma=0", drawn,
+                       reference.reverse_step(y, eps, coefs, noise=torch.zeros_like(y), clip=clip),
+                       _magnitudes(y, eps, z * 0, coefs))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_in_kernel_noise_enters_scaled_by_sigma(backend):
+    """(y_prev - noise-free part) / sigma recovers z with unit scale for each sample's sigma."""
+    y, eps, _, coefs = _inputs((3, 1, 64, 64), seed=42)
+    coefs[:, 4] = torch.tensor([0.1, 0.5, 2.0], device=DEVICE)
+    drawn = _fast(backend, y, eps, coefs, generator=_generator(3)).double()
+    noise_free = reference.reverse_step(y, eps, coefs, noise=torch.zeros_like(y)).double()
+    z = (drawn - noise_free) / coefs[:, 4].double().reshape(3, 1, 1, 1)
+    n = z[0].numel()
+    for i in range(3):
+        std = z[i].std().item()
+        print(f"sample {i}: sigma={coefs[i, 4].item()} recovered std {std:.4f}")
+        assert abs(std - 1) <= 6 * math.sqrt(1 / (2 * n)) + 1e-4  # sd of sample std ~ 1/sqrt(2n)
+
+
+# ------------------------------------------------------------- randomized over shapes
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@settings(max_examples=8, deadline=None, derandomize=True)
+@given(batch=st.integers(1, 4), channels=st.integers(1, 5), height=st.integers(1, 40),
+       width=st.integers(1, 40), dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+       clip=st.sampled_from([None, 0.5, 3.0]), channels_last=st.booleans())
+def test_random_shapes(backend, batch, channels, height, width, dtype, clip, channels_last):
+    shape = (batch, channels, height, width)
+    y, eps, z, coefs = _inputs(shape, seed=50, dtype=dtype)
+    if channels_last:
+        y, eps, z = (t.contiguous(memory_format=torch.channels_last) for t in (y, eps, z))
+    actual = _fast(backend, y, eps, coefs, noise=z, clip=clip)
+    expected = reference.reverse_step(y.float(), eps.float(), coefs, noise=z.float(), clip=clip)
+    magnitudes = _magnitudes(y, eps, z, coefs)
+    if dtype == torch.float32:
+        _assert_fp32_close(f"{backend} {shape}", actual, expected, magnitudes)
+    else:  # the fp32 result, rounded once to bf16
+        report(f"{backend} {shape} bf16", actual, expected)
+        fp32_error = 6 * EPS32 * magnitudes
+        ulps = _bf16_store_rounding_ulps(backend)
+        bound = ulps * torch.finfo(dtype).eps * (expected.double().abs() + fp32_error) + fp32_error
+        assert ((actual.double() - expected.double()).abs() <= bound).all()
+
+
+def _bf16_store_rounding_ulps(backend: str) -> float:
+    """Error of the final fp32 -> bf16 store, in bf16 ulps of the value: 1/2 when rounding to
+    nearest, as CUDA and the C++ kernels do; 1 for Triton's CPU interpreter, which truncates
+    that conversion (triton/runtime/interpreter.py, _convert_float without a rounding mode)."""
+    return 1.0 if backend == "triton" and DEVICE.type == "cpu" else 0.5
+
+
+# ---------------------------------------------------------------------------- autograd
+
+@pytest.mark.parametrize("backend", TRITON_ONLY)
+@pytest.mark.parametrize("clip", [None, 1.0], ids=["noclip", "clip"])
+def test_gradients_match_reference(backend, clip):
+    y, eps, z, coefs = _inputs((2, 3, 6, 6), seed=60)
+    grad_out = torch.randn(y.shape, generator=_generator(61), device=DEVICE)
+
+    def grads(fn):
+        yy, ee = y.clone().requires_grad_(), eps.clone().requires_grad_()
+        fn(yy, ee, coefs, noise=z, clip=clip).backward(grad_out)
+        return yy.grad, ee.grad
+
+    fast = grads(lambda *a, **k: _fast(backend, *a, **k))
+    ref = grads(reference.reverse_step)
+    for name, f, r in zip(("d/dy_t", "d/deps"), fast, ref):
+        # both are products of fp32 coefficients and grad_out: a few fp32 roundings each
+        report(f"{backend} {name}", f, r)
+        torch.testing.assert_close(f, r, rtol=4 * EPS32, atol=0)
+
+
+@pytest.mark.parametrize("backend", TRITON_ONLY)
+def test_gradient_for_coefs_raises(backend):
+    y, eps, z, coefs = _inputs((2, 3, 4, 4), seed=62)
+    out = _fast(backend, y, eps, coefs.requires_grad_(), noise=z)
+    with pytest.raises(NotImplementedError, match="coefs or noise"):
+        out.sum().backward()
+
+
+# ------------------------------------------------------------------------ registration
+
+def _op_args(noise_given: bool):
+    from sr3fast.ops.triton.reverse_step import draw_seed
+    y, eps, z, coefs = _inputs((2, 3, 5, 7), seed=70)
+    if noise_given:
+        return (y, eps, coefs, z, None, 1.0)
+    return (y, eps, coefs, None, draw_seed(DEVICE, _generator(0)), None)
+
+
+# Under the CPU interpreter the op's fake implementation (its own body, as triton_op registers
+# it) launches the interpreted kernel on FakeTensors, whose data pointers fake tracing forbids.
+_fake_needs_cuda = pytest.mark.skipif(
+    not torch.cuda.is_available(),
+    reason="the Triton CPU interpreter cannot run on FakeTensors (no data pointers); runs on CUDA")
+OPCHECKS = [
+    pytest.param(["test_schema", "test_autograd_registration"], id="schema+autograd"),
+    pytest.param(["test_faketensor"], id="faketensor", marks=_fake_needs_cuda),
+    pytest.param(["test_aot_dispatch_static", "test_aot_dispatch_dynamic"], id="aot_dispatch",
+                 marks=_fake_needs_cuda),
+]
+
+
+@pytest.mark.parametrize("backend", TRITON_ONLY)
+@pytest.mark.parametrize("checks", OPCHECKS)
+@pytest.mark.parametrize("noise_given", [True, False], ids=["noise", "seed"])
+def test_opcheck(backend, checks, noise_given):
+    args = _op_args(noise_given)
+    args[0].requires_grad_()  # exercises the autograd registration
+    torch.library.opcheck(torch.ops.sr3fast.reverse_step_triton.default, args, test_utils=checks)
+
+
+@needs_cuda
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_torch_compile_fullgraph(backend):
+    """No graph break, no recompilation when only coefficient values change, the same results
+    as eager, and in-kernel noise reproducible under torch.manual_seed."""
+    y, eps, z, coefs = _inputs((2, 3, 32, 32), seed=80)
+
+    @torch.compile(fullgraph=True)
+    def step(y, eps, coefs, noise):
+        return ops.reverse_step(y, eps, coefs, noise=noise, clip=1.0)
+
+    with sr3fast.backend(backend):  # selected outside: the compiled graph guards on it
+        compiled = step(y, eps, coefs, z)
+        step(y, eps, coefs, None)  # the in-kernel-noise variant is a second graph
+        other = _coefs(2, seed=81)
+        with torch.compiler.set_stance("fail_on_recompile"):
+            compiled_other = step(y, eps, other, z)
+            torch.manual_seed(0)
+            a = step(y, eps, other, None)
+            torch.manual_seed(0)
+            b = step(y, eps, other, None)
+            c = step(y, eps, other, None)
+    for name, actual, k in (("compiled", compiled, coefs), ("compiled, new coefs", compiled_other, other)):
+        _assert_fp32_close(f"{backend} {name}", actual,
+                           reference.reverse_step(y, eps, k, noise=z, clip=1.0),
+                           _magnitudes(y, eps, z, k))
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+@needs_cuda
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cuda_graph_replays_fresh_reproducible_noise(backend):
+    """A captured three-step loop with in-kernel noise: each replay draws fresh noise, re-seeding
+    the generator reproduces a replay, and a replay equals eager execution from the same seed."""
+    y0, eps, _, _ = _inputs((2, 3, 32, 32), seed=90)
+    table = torch.stack([_coefs(2, seed=91 + k) for k in range(3)])
+
+    def sample(y):
+        with sr3fast.backend(backend):
+            for k in range(3):
+                y = ops.reverse_step(y, eps, table[k], clip=1.0)
+        return y
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # warm-up outside capture: compiles and loads the kernels
+        sample(y0)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = sample(y0)
+
+    torch.cuda.manual_seed(1234)
+    graph.replay()
+    first = out.clone()
+    graph.replay()
+    second = out.clone()
+    torch.cuda.manual_seed(1234)
+    graph.replay()
+    again = out.clone()
+    torch.cuda.manual_seed(1234)
+    eager = sample(y0)
+    torch.cuda.synchronize()
+    report("graph replay vs eager", first, eager)
+    assert torch.isfinite(first).all()
+    assert not torch.equal(first, second)
+    assert torch.equal(first, again)
+    assert torch.equal(first, eager)
