@@ -45,8 +45,8 @@ class NoiseLevelEncoding(nn.Module):
 
         e_i = level · 10000^(-i/n),  i = 0..n-1,  n = dim // 2;   features = [sin(e), cos(e)].
 
-    Computed in float32 whatever the model's dtype: sqrt(g) sits close to 1 for most of the
-    schedule, where bf16 could not tell neighbouring steps apart.
+    Computed in at least float32 whatever the model's dtype: sqrt(g) sits close to 1 for most of
+    the schedule, where bf16 could not tell neighbouring steps apart.
     """
 
     def __init__(self, dim: int):
@@ -55,8 +55,9 @@ class NoiseLevelEncoding(nn.Module):
 
     def forward(self, noise_level: torch.Tensor) -> torch.Tensor:
         count = self.dim // 2
-        step = torch.arange(count, dtype=torch.float32, device=noise_level.device) / count
-        angles = noise_level.float().unsqueeze(-1) * torch.exp(-math.log(1e4) * step)
+        dtype = torch.promote_types(noise_level.dtype, torch.float32)
+        step = torch.arange(count, dtype=dtype, device=noise_level.device) / count
+        angles = noise_level.to(dtype).unsqueeze(-1) * torch.exp(-math.log(1e4) * step)
         return torch.cat([torch.sin(angles), torch.cos(angles)], dim=-1)
 
     def extra_repr(self) -> str:
@@ -64,8 +65,8 @@ class NoiseLevelEncoding(nn.Module):
 
 
 def embed_noise_level(mlp: nn.Sequential, noise_level: torch.Tensor) -> torch.Tensor:
-    """Run `mlp` = (NoiseLevelEncoding, Linear, ...) on (B,) levels; the float32 encoding is cast
-    to the first Linear's dtype."""
+    """Run `mlp` = (NoiseLevelEncoding, Linear, ...) on (B,) levels; the (at least float32)
+    encoding is cast to the first Linear's dtype."""
     encoding, first, *rest = mlp
     h = first(encoding(noise_level).to(first.weight.dtype))
     for layer in rest:
