@@ -1,0 +1,149 @@
+"""SR3 samplers: small loops over the precomputed tables of sr3fast.diffusion.coefficients.
+
+    sample_sr3        Algorithm 2 of the paper (variance 1 - a_t)
+    sample_posterior  x0 clipped to [-1, 1], posterior variance: how the public checkpoints sample
+    sample_ddim       DDIM (Song et al. 2021), eta = 0 deterministic
+
+All share one signature, (model, x, schedule, *, y_T, generator, noise, callback, progress),
+and one loop (`_run`): per step, eps = model.predict_noise(x, y_t, g_t), then the fused
+`sr3fast.ops.reverse_step` with that step's row of the coefficient table; see
+sr3fast.diffusion.coefficients for the table contract, which the C++ loop shares.
+
+Randomness: y_T ~ N(0, I) is drawn from `generator` (unless given as y_T=). With
+noise="torch", each step's z is drawn with torch.randn(..., generator=generator) on x's device
+and handed to reverse_step, so a seed gives the same image on every backend. With
+noise="kernel", reverse_step gets noise=None and the generator, and a fused backend draws z
+in-kernel (faster, but the image then depends on the backend). Steps that add no noise
+(the last one; every step of DDIM with eta = 0) get zeros in both modes.
+
+The sampling state y is float32 whatever the model's dtype (a long chain of bf16 updates would
+lose the image); the model sees y cast to x's dtype. The result is y_0, float32, in [-1, 1].
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .. import ops
+from ._checks import check_generator
+from .coefficients import CLIP, noise_levels, reverse_coefficients
+from .schedules import NoiseSchedule
+
+NOISE_SOURCES = ("torch", "kernel")
+STATE_DTYPE = torch.float32  # of y between steps, whatever the model runs in
+
+
+def _initial_noise(x: torch.Tensor, y_T: torch.Tensor | None,
+                   generator: torch.Generator | None) -> torch.Tensor:
+    if y_T is None:
+        return torch.randn(x.shape, generator=generator, device=x.device, dtype=STATE_DTYPE)
+    if y_T.shape != x.shape or y_T.device != x.device:
+        raise ValueError(f"y_T must match x: shape {tuple(x.shape)} on {x.device}; "
+                         f"got {tuple(y_T.shape)} on {y_T.device}")
+    return y_T.to(STATE_DTYPE, copy=True)
+
+
+def _run(model, x: torch.Tensor, schedule: NoiseSchedule, sampler: str, *, eta: float = 0.0,
+         clip: float | None, y_T: torch.Tensor | None, generator: torch.Generator | None,
+         noise: str, callback: Callable | None, progress: bool) -> torch.Tensor:
+    """The loop every sampler shares (the contract in sr3fast.diffusion.coefficients)."""
+    if noise not in NOISE_SOURCES:
+        raise ValueError(f"noise must be one of {NOISE_SOURCES}, got {noise!r}")
+    if x.dim() != 4:
+        raise ValueError(f"x must be the upsampled condition, shape (B, C, H, W); got {tuple(x.shape)}")
+    check_generator(generator, x.device, f"sample_{sampler}")
+    batch, device = x.shape[0], x.device
+    coefs = reverse_coefficients(schedule, sampler, batch, device, eta=eta)
+    gammas = noise_levels(schedule, batch, device)
+    y = _initial_noise(x, y_T, generator)
+    no_noise = torch.zeros_like(y)
+    stochastic = sampler != "ddim" or eta > 0
+
+    steps = range(schedule.num_steps)
+    if progress:
+        from tqdm.auto import tqdm
+        steps = tqdm(steps, desc=f"SR3 {sampler} sampling", unit="step")
+    last = schedule.num_steps - 1
+    for i in steps:
+        eps = model.predict_noise(x, y.to(x.dtype), gammas[i])
+        if not stochastic or i == last:
+            z = no_noise
+        elif noise == "torch":
+            z = torch.randn(y.shape, generator=generator, device=device, dtype=STATE_DTYPE)
+        else:
+            z = None  # drawn in-kernel from `generator`
+        y = ops.reverse_step(y, eps.to(STATE_DTYPE), coefs[i], noise=z, clip=clip,
+                             generator=generator)
+        if callback is not None:
+            callback(i, y)
+    return y
+
+
+@torch.no_grad()
+def sample_sr3(model, x: torch.Tensor, schedule: NoiseSchedule, *, y_T: torch.Tensor | None = None,
+               generator: torch.Generator | None = None, noise: str = "torch",
+               callback: Callable | None = None, progress: bool = False) -> torch.Tensor:
+    """Algorithm 2 of Saharia et al. (2021): y_T ~ N(0, I), then for t = T..1
+
+        y_{t-1} = (1/sqrt(a_t))·(y_t - (1 - a_t)/sqrt(1 - g_t)·f(x, y_t, g_t)) + sqrt(1 - a_t)·z,
+
+    z ~ N(0, I), z = 0 at t = 1: the posterior mean of eq. 11 with the x0 estimate substituted,
+    and variance 1 - a_t. No clipping.
+
+    x: (B, C, H, W) upsampled condition; callback(i, y) after loop step i (y = y_{T-1-i}).
+    """
+    return _run(model, x, schedule, "sr3", clip=CLIP["sr3"], y_T=y_T, generator=generator,
+                noise=noise, callback=callback, progress=progress)
+
+
+@torch.no_grad()
+def sample_posterior(model, x: torch.Tensor, schedule: NoiseSchedule, *, clip: float | None = 1.0,
+                     y_T: torch.Tensor | None = None, generator: torch.Generator | None = None,
+                     noise: str = "torch", callback: Callable | None = None,
+                     progress: bool = False) -> torch.Tensor:
+    """Ancestral DDPM sampling as the public SR3 code does it (p_sample, clip_denoised=True):
+
+        x0      = clamp(y_t/sqrt(g_t) - sqrt(1/g_t - 1)·f(x, y_t, g_t), -clip, clip)
+        y_{t-1} = sqrt(g_{t-1}) b_t/(1 - g_t)·x0 + sqrt(a_t)(1 - g_{t-1})/(1 - g_t)·y_t
+                  + exp(0.5·log(max(s_t², 1e-20)))·z,   s_t² = (1 - g_{t-1}) b_t/(1 - g_t),
+
+    z ~ N(0, I), z = 0 at t = 1: the exact posterior q(y_{t-1} | y_t, x0) around the clipped
+    estimate. clip=None disables the clamp.
+
+    x: (B, C, H, W) upsampled condition; callback(i, y) after loop step i (y = y_{T-1-i}).
+    """
+    return _run(model, x, schedule, "posterior", clip=clip, y_T=y_T, generator=generator,
+                noise=noise, callback=callback, progress=progress)
+
+
+@torch.no_grad()
+def sample_ddim(model, x: torch.Tensor, schedule: NoiseSchedule, *, eta: float = 0.0,
+                clip: float | None = None, y_T: torch.Tensor | None = None,
+                generator: torch.Generator | None = None, noise: str = "torch",
+                callback: Callable | None = None, progress: bool = False) -> torch.Tensor:
+    """DDIM (Song et al. 2021, eq. 12) over the schedule's noise levels, for t = T..1:
+
+        x0      = y_t/sqrt(g_t) - sqrt(1/g_t - 1)·f(x, y_t, g_t)   (clamped when clip is given)
+        y_{t-1} = sqrt(g_{t-1})·x0 + sqrt(1 - g_{t-1} - s_t²)·eps + s_t·z,
+        s_t     = eta·sqrt((1 - g_{t-1})/(1 - g_t))·sqrt(1 - g_t/g_{t-1}),
+
+    with eps = (y_t - sqrt(g_t)·x0)/sqrt(1 - g_t) taken from the (clipped) x0. eta = 0 is
+    deterministic given y_T; eta = 1 has the DDPM posterior variance. Use it with a respaced
+    schedule (sr3fast.diffusion.respace) to sample in few steps.
+
+    x: (B, C, H, W) upsampled condition; callback(i, y) after loop step i (y = y_{T-1-i}).
+    """
+    return _run(model, x, schedule, "ddim", eta=eta, clip=clip, y_T=y_T, generator=generator,
+                noise=noise, callback=callback, progress=progress)
+
+
+SAMPLERS = {"sr3": sample_sr3, "posterior": sample_posterior, "ddim": sample_ddim}
+
+
+def sample(name: str, model, x: torch.Tensor, schedule: NoiseSchedule, **kwargs) -> torch.Tensor:
+    """Run sampler `name` (a key of SAMPLERS) with its keyword arguments."""
+    sampler = SAMPLERS.get(name)
+    if sampler is None:
+        raise ValueError(f"unknown sampler {name!r}; choose one of {', '.join(SAMPLERS)}")
+    return sampler(model, x, schedule, **kwargs)
