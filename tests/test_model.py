@@ -225,6 +225,17 @@ def test_forward_uses_fused_ops_only(preset, monkeypatch):
         assert scale == pytest.approx(1 / math.sqrt(q_shape[-1]))
 
 
+def test_model_compiles_without_graph_breaks():
+    """No data-dependent Python in the forward: torch.compile(fullgraph=True) traces it whole
+    (dynamo only, backend='eager', to keep the test fast)."""
+    model = build("tiny-paper").eval()
+    x, y_t, gamma = torch.randn(2, 3, 16, 16), torch.randn(2, 3, 16, 16), torch.tensor([0.3, 0.9])
+    with torch.no_grad():
+        expected = model.predict_noise(x, y_t, gamma)  # eager first: fills ops' dispatch table
+        compiled = torch.compile(model.predict_noise, fullgraph=True, backend="eager")
+        torch.testing.assert_close(compiled(x, y_t, gamma), expected, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("backend", fast_backend_params("groupnorm_silu"))
 def test_tiny_model_on_fast_backend_matches_reference(backend):
     model, peer = loaded_pair("tiny")
