@@ -1,0 +1,280 @@
+"""U-Net step benchmarks: one row per configuration x batch x implementation.
+
+The unit of work is one `model.predict_noise(x, y_t, gamma)` call, a sampling step's network
+evaluation; images/s of a whole sampling run is derived from it (or measured, on request).
+Implementations (the `key` selects them on the command line):
+
+  reference-eager          reference backend, float32, eager: the baseline of every speed-up
+  reference-compiled       the same under torch.compile (max-autotune on GPU: inductor's own
+                           CUDA graphs included; the default mode on CPU)
+  reference-compiled-bf16  the same in bfloat16 (GPU): the strongest plain-PyTorch baseline at
+                           the fused rows' precision, so their speed-up is not all bf16's
+  fused-<backend>          sr3fast's fused ops on that backend, eager; bf16 on GPU
+  fused-compiled-graph     the fastest backend per op (auto), torch.compile
+                           (max-autotune-no-cudagraphs) and the step captured as one CUDA graph
+  cpp-loop                 the C++ sampling loop, when the extension provides one
+"""
+from __future__ import annotations
+
+import copy
+import gc
+import time
+import traceback
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Callable
+
+import torch
+
+import sr3fast
+from sr3fast import backends
+
+from . import counting
+from .availability import backend_unavailable
+from .memory import peak_memory
+from .records import Row
+from .timing import Budget, measure, synchronize, time_first_call
+
+DEFAULT_CONFIGS = ("public-16-128", "public-64-512", "paper-64-256", "small")
+QUICK_CONFIGS = ("tiny",)
+GPU_BATCHES = (1, 4, 16)
+CPU_BATCHES = (1,)
+# A CPU runs about 0.05-0.2 TFLOP/s: above this many GFLOP per step a row takes minutes, so a
+# default CPU run leaves the configuration out (and says so); --config runs it anyway.
+CPU_DEFAULT_MAX_GFLOP = 200
+STEP_OPS = ("groupnorm_silu", "attention")  # the fused ops inside predict_noise
+_INDUCTOR_CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+
+
+@dataclass(frozen=True)
+class Implementation:
+    key: str
+    label: str
+    backend: str                 # sr3fast backend selected while the row runs
+    gpu_dtype: torch.dtype       # CPU rows are float32
+    compile_mode: str | None = None   # None: eager; "auto": the run's --compile-mode
+    cuda_graph: bool = False
+    cuda_only: bool = False
+
+    def dtype(self, device: torch.device) -> torch.dtype:
+        return self.gpu_dtype if device.type == "cuda" else torch.float32
+
+
+IMPLEMENTATIONS = (
+    Implementation("reference-eager", "reference eager", "reference", torch.float32),
+    Implementation("reference-compiled", "reference compiled", "reference", torch.float32, "auto"),
+    Implementation("reference-compiled-bf16", "reference compiled", "reference", torch.bfloat16, "auto",
+                   cuda_only=True),
+    *(Implementation(f"fused-{name}", f"fused {name}", name, torch.bfloat16)
+      for name in ("triton", "cuda", "cpu")),
+    Implementation("fused-compiled-graph", "fused auto + compile + graph", "auto", torch.bfloat16,
+                   "max-autotune-no-cudagraphs", cuda_graph=True, cuda_only=True),
+)
+CPP_LOOP = "cpp-loop"
+KEYS = (*(impl.key for impl in IMPLEMENTATIONS), CPP_LOOP)
+BASELINE = "reference eager"
+
+
+@dataclass
+class ModelSettings:
+    device: torch.device
+    budget: Budget
+    compile_mode: str            # for "auto" implementations
+    steps: int                   # sampling steps for images/s
+    measure_sampling: bool
+    skip_compiled: str | None = None   # reason to leave compiled rows out (--quick)
+    sampler: str = "posterior"
+
+
+def default_batches(device: torch.device) -> tuple[int, ...]:
+    return GPU_BATCHES if device.type == "cuda" else CPU_BATCHES
+
+
+def meta_model(config: str) -> torch.nn.Module:
+    """The configuration's model on the meta device: its structure, no memory, no init time."""
+    from sr3fast.model import build
+    with torch.device("meta"):
+        return build(config).eval()
+
+
+def cpu_default_excludes(config: str, counts: counting.Counts) -> str | None:
+    """Why a default CPU run leaves `config` out, or None."""
+    gflop = counts.flops / 1e9
+    if gflop <= CPU_DEFAULT_MAX_GFLOP:
+        return None
+    return (f"not run by default on a CPU: {gflop:.0f} GFLOP per step takes minutes per row here "
+            f"(limit {CPU_DEFAULT_MAX_GFLOP} GFLOP); `--config {config}` runs it")
+
+
+def impl_unavailable(impl: Implementation, device: torch.device) -> str | None:
+    """Why `impl` cannot run on `device`, or None."""
+    if impl.cuda_only and device.type != "cuda":
+        return "GPU only (bf16 tensor cores, CUDA graphs)"
+    if impl.backend == "auto":
+        return None
+    return backend_unavailable(impl.backend, device, STEP_OPS)
+
+
+def cpp_loop_unavailable() -> str:
+    """Why the C++ sampling loop row cannot run (no such loop exists in sr3fast yet)."""
+    try:
+        import sr3fast._C  # noqa: F401
+    except ImportError as err:
+        return f"the compiled extension sr3fast._C is not built ({err})"
+    if not hasattr(torch.ops.sr3fast, "sample_loop"):
+        return "sr3fast._C has no C++ sampling loop yet (looked for torch.ops.sr3fast.sample_loop)"
+    return "the harness does not drive the C++ sampling loop yet"
+
+
+class ModelCache:
+    """The models of one configuration on the device, one per dtype, built on first use."""
+
+    def __init__(self, config: str, device: torch.device):
+        self.config, self.device, self._models = config, device, {}
+
+    def get(self, dtype: torch.dtype) -> torch.nn.Module:
+        if dtype not in self._models:
+            if torch.float32 not in self._models:
+                from sr3fast.model import build
+                with torch.device(self.device):
+                    self._models[torch.float32] = build(self.config).eval()
+            if dtype != torch.float32:
+                self._models[dtype] = copy.deepcopy(self._models[torch.float32]).to(dtype)
+        return self._models[dtype]
+
+    def clear(self) -> None:
+        self._models.clear()
+        _release(self.device)
+
+
+def step_inputs(model, batch: int, dtype: torch.dtype, device: torch.device):
+    """Random x, y_t (batch, 3, S, S) in `dtype` and noise levels gamma (batch,) in float32, as
+    the samplers pass them."""
+    generator = torch.Generator(device=device).manual_seed(0)
+    size = model.config.high_res
+    x = torch.randn((batch, 3, size, size), generator=generator, device=device).clamp(-1, 1).to(dtype)
+    y_t = torch.randn((batch, 3, size, size), generator=generator, device=device).to(dtype)
+    gamma = torch.rand((batch,), generator=generator, device=device) * 0.99 + 0.01
+    return x, y_t, gamma
+
+
+def run_row(config: str, batch: int, impl: Implementation, models: ModelCache,
+            counts: counting.Counts, settings: ModelSettings) -> Row:
+    """Measure one implementation at one batch; a skipped or failed Row says why."""
+    device = settings.device
+    dtype = impl.dtype(device)
+    row = Row("model", config, f"batch {batch}", impl.label, dtype_name(dtype), batch=batch)
+    reason = impl_unavailable(impl, device) or (impl.compile_mode and settings.skip_compiled)
+    if reason:
+        return row.skip(reason)
+    row.flops, row.bytes = counts.flops, counts.bytes(dtype)
+    try:
+        with sr3fast.backend(impl.backend), torch.inference_mode():
+            row.backends = {op: backends.resolve(op, device.type) for op in STEP_OPS}
+            model = models.get(dtype)
+            x, y_t, gamma = step_inputs(model, batch, dtype, device)
+            predict_noise = model.predict_noise
+            notes = []
+            if impl.compile_mode:
+                mode = settings.compile_mode if impl.compile_mode == "auto" else impl.compile_mode
+                predict_noise, row.compile_s, compile_notes = _compiled(predict_noise, (x, y_t, gamma), mode,
+                                                                       device)
+                notes += compile_notes
+            step = _bind(predict_noise, x, y_t, gamma)
+            if impl.cuda_graph:
+                start = time.perf_counter()
+                step = _cuda_graph(step, device)
+                row.compile_s = (row.compile_s or 0.0) + time.perf_counter() - start
+                notes.append("one CUDA graph per step (capture time in compile s)")
+            with peak_memory(device) as peak:
+                timing = measure(step, device, settings.budget)
+            row.set_timing(timing.summary())
+            row.peak_memory_bytes, row.memory_method = peak.bytes, peak.method
+            if impl.backend != "reference":
+                fallbacks = [op for op, name in row.backends.items() if name == "reference"]
+                if fallbacks:
+                    wanted = "fast" if impl.backend == "auto" else impl.backend
+                    notes.append(f"{' and '.join(fallbacks)} ran on reference (no {wanted} kernel)")
+            if settings.measure_sampling and not impl.cuda_graph:
+                _measure_sampling(row, model, predict_noise, x, settings)
+            row.note = "; ".join(notes) or None
+    except torch.cuda.OutOfMemoryError as err:
+        row.skip(f"out of memory at batch {batch}: {str(err).splitlines()[0]}")
+    except Exception as err:  # a real failure: reported in the row and by the exit status
+        traceback.print_exc()
+        row.fail(f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+    finally:
+        torch._dynamo.reset()
+        _release(device)
+    return row
+
+
+def _compiled(fn: Callable, args: tuple, mode: str, device: torch.device):
+    """(compiled fn, compile seconds, notes: the mode, graph breaks, CUDA graphs skipped)."""
+    from torch._dynamo.utils import counters
+    torch._dynamo.reset()  # a fresh cache per row: no reuse, no cache-size fallbacks to eager
+    breaks_before = sum(counters["graph_break"].values())
+    skips_before = counters["inductor"]["cudagraph_skips"]
+    compiled = torch.compile(fn, mode=mode, dynamic=False)
+    compile_s = time_first_call(lambda: compiled(*args), device)
+    notes = [f"torch.compile mode={mode}"]
+    breaks = sum(counters["graph_break"].values()) - breaks_before
+    if breaks:
+        notes.append(f"{breaks} graph break(s)")
+    if device.type != "cuda" or mode not in _INDUCTOR_CUDA_GRAPH_MODES:
+        return compiled, compile_s, notes
+    if counters["inductor"]["cudagraph_skips"] > skips_before:
+        notes.append("inductor skipped its CUDA graphs")
+    else:
+        notes.append("inductor CUDA graphs")
+    mark_step = torch.compiler.cudagraph_mark_step_begin
+
+    def each_call_a_new_step(*call_args):  # tells cudagraph trees no earlier output is still read
+        mark_step()
+        return compiled(*call_args)
+    return each_call_a_new_step, compile_s, notes
+
+
+def _cuda_graph(step: Callable[[], object], device: torch.device) -> Callable[[], object]:
+    """Capture `step` (static inputs) as one CUDA graph; return its replay."""
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):  # warm-up on a side stream, as capture requires
+        for _ in range(3):
+            step()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        step()
+    synchronize(device)
+    return graph.replay
+
+
+def _measure_sampling(row: Row, model, predict_noise: Callable, x: torch.Tensor, settings: ModelSettings) -> None:
+    """Images/s of a real `settings.steps`-step sampling run (sr3fast.diffusion.sample)."""
+    from sr3fast import diffusion
+
+    denoiser = SimpleNamespace(predict_noise=predict_noise)  # all a sampler calls; may be compiled
+    schedule = diffusion.respace(diffusion.NoiseSchedule.from_config(model.config.schedule), settings.steps)
+    generator = torch.Generator(device=settings.device).manual_seed(0)
+    run = lambda: diffusion.sample(settings.sampler, denoiser, x, schedule, generator=generator)  # noqa: E731
+    budget = Budget(warmup=1, min_repeats=1, max_repeats=5, target_s=settings.budget.target_s)
+    timing = measure(run, settings.device, budget)
+    row.sampling_steps = settings.steps
+    row.images_per_s = row.batch / (timing.median_ms / 1e3)
+    row.images_per_s_source = "measured"
+    row.extra["sampling"] = {"sampler": settings.sampler, **timing.summary()}
+
+
+def _bind(fn: Callable, *args) -> Callable[[], object]:
+    return lambda: fn(*args)
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _release(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()

@@ -1,0 +1,45 @@
+"""Per-op microbenchmarks: every case of op_cases x every provider, one Row each."""
+from __future__ import annotations
+
+import traceback
+from contextlib import nullcontext
+
+import torch
+
+import sr3fast
+
+from .op_cases import OpCase, make_callable, provider_unavailable
+from .records import Row
+from .timing import Budget, measure, time_first_call
+
+BASELINE = "torch"
+
+
+def run_case(case: OpCase, provider: str, device: torch.device, budget: Budget, compile_mode: str) -> Row:
+    """Measure `provider` on `case`; a skipped or failed Row says why.
+
+    On CUDA, L2 is flushed before every repeat: in the model these operands come from memory."""
+    dtype = case.dtype(device)
+    row = Row("op", case.op, case.label, provider, str(dtype).removeprefix("torch."))
+    reason = provider_unavailable(provider, case.op, device)
+    if reason:
+        return row.skip(reason)
+    setattr(row, case.primary, case.work(dtype))
+    backend = provider.split(":", 1)[1] if provider.startswith("sr3fast:") else None
+    try:
+        inputs = case.make_inputs(device, dtype)
+        call = make_callable(case, provider, inputs, compile_mode)
+        with sr3fast.backend(backend) if backend else nullcontext(), torch.inference_mode():
+            if provider == "torch.compile":
+                row.compile_s = time_first_call(call, device)
+                row.note = f"mode={compile_mode}"
+            timing = measure(call, device, budget, flush_cache=True)
+        row.set_timing(timing.summary())
+    except torch.cuda.OutOfMemoryError as err:
+        row.skip(f"out of memory: {str(err).splitlines()[0]}")
+    except Exception as err:  # a real failure: reported in the row and by the exit status
+        traceback.print_exc()
+        row.fail(f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+    finally:
+        torch._dynamo.reset()
+    return row

@@ -1,0 +1,181 @@
+"""The fused ops at SR3's real shapes, and the implementations each is compared with.
+
+Every case builds its inputs (random, never zeros) and knows its work: the minimal bytes a
+bandwidth-bound op must move (each input read once, each output written once) or the FLOPs of
+a compute-bound one. Providers, per case:
+  torch            the same maths in plain PyTorch eager, in the case's dtype
+  torch.compile    that plain PyTorch under torch.compile
+  sr3fast:<name>   sr3fast.ops.<op> under sr3fast.backend(<name>), for reference, triton, cuda, cpu
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+from sr3fast import ops
+
+from .availability import backend_unavailable
+
+BACKENDS = ("reference", "triton", "cuda", "cpu")
+
+
+@dataclass(frozen=True)
+class OpCase:
+    op: str
+    label: str
+    shape: tuple
+    make_inputs: Callable[[torch.device, torch.dtype], dict]
+    unit: str                                  # "GB/s" (bandwidth-bound) or "TFLOP/s"
+    work: Callable[[torch.dtype], int]         # bytes or FLOPs per call, in that dtype
+    dtype_on_gpu: torch.dtype = torch.bfloat16
+
+    @property
+    def primary(self) -> str:
+        return "bytes" if self.unit == "GB/s" else "flops"
+
+    def dtype(self, device: torch.device) -> torch.dtype:
+        return self.dtype_on_gpu if device.type == "cuda" else torch.float32
+
+
+def _itemsize(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+# groupnorm_silu: y = SiLU(GroupNorm(x + shift)), the norm before every SR3 convolution.
+
+def _groupnorm_case(batch: int, channels: int, size: int, groups: int) -> OpCase:
+    def make_inputs(device, dtype):
+        generator = torch.Generator(device=device).manual_seed(0)
+        def randn(*shape):
+            return torch.randn(shape, generator=generator, device=device, dtype=dtype)
+        return {"x": randn(batch, channels, size, size), "groups": groups,
+                "weight": 1 + 0.1 * randn(channels), "bias": 0.1 * randn(channels),
+                "shift": randn(batch, channels)}
+
+    def work(dtype):  # read x, weight, bias, shift; write y
+        return (2 * batch * channels * size * size + 2 * channels + batch * channels) * _itemsize(dtype)
+
+    return OpCase("groupnorm_silu", f"{batch}x{channels}x{size}x{size} G{groups}",
+                  (batch, channels, size, size, groups), make_inputs, "GB/s", work)
+
+
+def _groupnorm_torch(x, groups, weight, bias, shift):
+    return F.silu(F.group_norm(x + shift[:, :, None, None], groups, weight, bias, 1e-5))
+
+
+def _groupnorm_sr3fast(x, groups, weight, bias, shift):
+    return ops.groupnorm_silu(x, groups, weight, bias, 1e-5, shift)
+
+
+# attention: softmax(q kᵀ / sqrt(d)) v with SR3's single head as wide as the channels.
+
+def _attention_case(batch: int, length: int, dim: int) -> OpCase:
+    def make_inputs(device, dtype):
+        generator = torch.Generator(device=device).manual_seed(0)
+        def randn():
+            return torch.randn((batch, 1, length, dim), generator=generator, device=device, dtype=dtype)
+        return {"q": randn(), "k": randn(), "v": randn()}
+
+    def work(dtype):  # two products of 2·L·L·d FLOPs each, per batch and head
+        return 4 * batch * 1 * length * length * dim
+
+    return OpCase("attention", f"B{batch} L{length} d{dim}", (batch, 1, length, dim), make_inputs,
+                  "TFLOP/s", work)
+
+
+def _attention_torch(q, k, v):
+    return F.scaled_dot_product_attention(q, k, v)
+
+
+def _attention_math(q, k, v):
+    scores = (q @ k.transpose(-1, -2)) * q.shape[-1] ** -0.5
+    return torch.softmax(scores, dim=-1) @ v
+
+
+def _attention_sr3fast(q, k, v):
+    return ops.attention(q, k, v)
+
+
+# reverse_step: x0 = clamp(a·y − b·eps), y_prev = m0·x0 + m1·y + sigma·z, z drawn per call.
+# The sampling state is float32 on every device (as sr3fast.diffusion keeps it).
+
+def _reverse_step_case(batch: int, size: int) -> OpCase:
+    def make_inputs(device, dtype):
+        generator = torch.Generator(device=device).manual_seed(0)
+        shape = (batch, 3, size, size)
+        y_t = torch.randn(shape, generator=generator, device=device, dtype=dtype)
+        eps = torch.randn(shape, generator=generator, device=device, dtype=dtype)
+        coefs = torch.rand((batch, 5), generator=generator, device=device) + 0.5
+        return {"y_t": y_t, "eps": eps, "coefs": coefs}
+
+    def work(dtype):  # read y_t and eps, write y_prev; z is drawn in-kernel, not read
+        return 3 * batch * 3 * size * size * _itemsize(dtype) + batch * 5 * 4
+
+    return OpCase("reverse_step", f"{batch}x3x{size}x{size}", (batch, 3, size, size), make_inputs,
+                  "GB/s", work, dtype_on_gpu=torch.float32)
+
+
+def _reverse_step_torch(y_t, eps, coefs):
+    a, b, m0, m1, sigma = coefs[:, :, None, None, None].unbind(1)
+    x0 = (a * y_t - b * eps).clamp(-1.0, 1.0)
+    return m0 * x0 + m1 * y_t + sigma * torch.randn_like(y_t)
+
+
+def _reverse_step_sr3fast(y_t, eps, coefs):
+    return ops.reverse_step(y_t, eps, coefs, None, 1.0)
+
+
+# op -> (plain PyTorch eager, what torch.compile compiles, sr3fast dispatch)
+_IMPLEMENTATIONS = {
+    "groupnorm_silu": (_groupnorm_torch, _groupnorm_torch, _groupnorm_sr3fast),
+    "attention": (_attention_torch, _attention_math, _attention_sr3fast),
+    "reverse_step": (_reverse_step_torch, _reverse_step_torch, _reverse_step_sr3fast),
+}
+NOTES = {
+    "attention": "torch = F.scaled_dot_product_attention; torch.compile compiles the explicit "
+                 "softmax(q kᵀ/√d) v",
+    "reverse_step": "clip 1, z drawn per call (in-kernel where fused); float32 state",
+}
+
+CASES = (
+    _groupnorm_case(1, 64, 128, 32),
+    _groupnorm_case(16, 512, 16, 32),
+    _groupnorm_case(4, 128, 64, 32),
+    _groupnorm_case(1, 1024, 32, 16),
+    _attention_case(1, 256, 512),
+    _attention_case(4, 256, 512),
+    _attention_case(1, 1024, 1024),
+    _attention_case(4, 1024, 1024),
+    _reverse_step_case(1, 128),
+    _reverse_step_case(16, 128),
+    _reverse_step_case(1, 512),
+)
+# --quick: the smallest case of each op
+QUICK_CASES = tuple(next(c for c in CASES if c.op == op) for op in _IMPLEMENTATIONS)
+
+
+def providers() -> tuple[str, ...]:
+    return ("torch", "torch.compile", *(f"sr3fast:{name}" for name in BACKENDS))
+
+
+def provider_unavailable(provider: str, op: str, device: torch.device) -> str | None:
+    """Why `provider` cannot be benchmarked for `op` on `device`, or None."""
+    if not provider.startswith("sr3fast:"):
+        return None
+    return backend_unavailable(provider.split(":", 1)[1], device, (op,))
+
+
+def make_callable(case: OpCase, provider: str, inputs: dict, compile_mode: str) -> Callable[[], object]:
+    """A no-argument callable running `provider` on `inputs`. For sr3fast providers the caller
+    selects the backend (sr3fast.backend) around every call of it, warm-up included."""
+    eager, compilable, fused = _IMPLEMENTATIONS[case.op]
+    if provider == "torch":
+        fn = eager
+    elif provider == "torch.compile":
+        fn = torch.compile(compilable, mode=compile_mode, dynamic=False)
+    else:
+        fn = fused
+    return lambda: fn(**inputs)

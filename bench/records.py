@@ -1,0 +1,76 @@
+"""One result row, shared by the model and op benchmarks, and the JSON file that holds a run."""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from sr3fast.atomic import atomic_path
+
+SCHEMA = 1
+OK, SKIPPED, ERROR = "ok", "skipped", "error"
+
+
+@dataclass
+class Row:
+    """A measured (or skipped, or failed) implementation of one case.
+
+    kind "model": subject is a configuration, case its batch; work is one U-Net step.
+    kind "op": subject is an op, case its shape; work is one call.
+    Times are milliseconds; speedup is against the row named in `baseline`, same run and case.
+    """
+    kind: str
+    subject: str
+    case: str
+    implementation: str
+    dtype: str
+    status: str = OK
+    reason: str | None = None            # why skipped or failed
+    note: str | None = None              # what else the reader must know (fallbacks, modes)
+    backends: dict | None = None         # op -> backend that ran it
+    batch: int | None = None
+    median_ms: float | None = None
+    q1_ms: float | None = None
+    q3_ms: float | None = None
+    min_ms: float | None = None
+    max_ms: float | None = None
+    repeats: int | None = None
+    warmup: int | None = None
+    compile_s: float | None = None       # first call, compile included; not in the times
+    peak_memory_bytes: int | None = None
+    memory_method: str | None = None
+    flops: int | None = None             # per call / per U-Net step
+    bytes: int | None = None             # minimal traffic per call / fused-floor per step
+    tflops: float | None = None
+    gbps: float | None = None
+    peak_name: str | None = None         # which datasheet peak the percentages divide by
+    percent_of_peak: float | None = None
+    roofline_ms: float | None = None     # max(flops / peak rate, bytes / peak bandwidth)
+    percent_of_roofline: float | None = None
+    baseline: str | None = None
+    speedup: float | None = None
+    sampling_steps: int | None = None
+    images_per_s: float | None = None
+    images_per_s_source: str | None = None   # "derived" from the step time, or "measured"
+    extra: dict = field(default_factory=dict)
+
+    def set_timing(self, summary: dict) -> None:
+        for key, value in summary.items():
+            setattr(self, key, value)
+
+    def skip(self, reason: str) -> "Row":
+        self.status, self.reason = SKIPPED, reason
+        return self
+
+    def fail(self, reason: str) -> "Row":
+        self.status, self.reason = ERROR, reason
+        return self
+
+
+def write_json(path: Path, environment: dict, settings: dict, rows: list[Row]) -> None:
+    """Every row of a run, with its environment and settings; written atomically."""
+    document = {"schema": SCHEMA, "environment": environment, "settings": settings,
+                "rows": [asdict(row) for row in rows]}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(document, indent=1, default=str) + "\n")

@@ -1,0 +1,129 @@
+"""Plain-text tables of the rows: one per configuration, one per op, and a legend."""
+from __future__ import annotations
+
+from .records import ERROR, OK, SKIPPED, Row
+
+DASH = "–"
+
+
+def model_table(config: str, description: str, rows: list[Row]) -> str:
+    headers = ["batch", "implementation", "dtype", "ms/step", "[IQR]", "img/s", "peak mem",
+               "TFLOP/s", "% peak", "% roofline", "speed-up", "compile s", "note"]
+    body = []
+    for row in rows:
+        lead = [str(row.batch if row.batch is not None else "*"), row.implementation, row.dtype]
+        if row.status != OK:
+            body.append(lead + [_status(row)])
+            continue
+        body.append(lead + [
+            _ms(row.median_ms), _iqr(row), _images(row), _bytes(row.peak_memory_bytes),
+            _sig(row.tflops), _pct(row.percent_of_peak), _pct(row.percent_of_roofline),
+            _speedup(row.speedup), _num(row.compile_s, 1), row.note or ""])
+    return f"{config}: {description}\n" + _table(headers, body)
+
+
+def op_table(op: str, unit: str, note: str | None, rows: list[Row]) -> str:
+    headers = ["shape", "provider", "dtype", "µs", "[IQR]", unit, "% peak", "speed-up", "compile s", "note"]
+    body = []
+    for row in rows:
+        lead = [row.case, row.implementation, row.dtype]
+        if row.status != OK:
+            body.append(lead + [_status(row)])
+            continue
+        rate = row.gbps if unit == "GB/s" else row.tflops
+        body.append(lead + [
+            _ms(row.median_ms * 1e3), _iqr(row, scale=1e3), _sig(rate),
+            _pct(row.percent_of_peak), _speedup(row.speedup), _num(row.compile_s, 1), row.note or ""])
+    title = f"{op} ({unit}{'; ' + note if note else ''})"
+    return f"{title}\n" + _table(headers, body)
+
+
+def _table(headers: list[str], body: list[list[str]]) -> str:
+    """Columns padded to their widest cell; a row shorter than the header (a skipped row's
+    reason) runs on past the remaining columns."""
+    widths = [len(h) for h in headers]
+    for cells in body:
+        sized = cells if len(cells) == len(headers) else cells[:-1]
+        widths = [max(w, len(c)) for w, c in zip(widths, sized)] + widths[len(sized):]
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths)).rstrip()]
+    lines.append("  ".join("-" * w for w in widths))
+    for cells in body:
+        lines.append("  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip())
+    return "\n".join(lines)
+
+
+def _status(row: Row) -> str:
+    word = {SKIPPED: "skipped", ERROR: "ERROR"}[row.status]
+    return f"{word}: {row.reason}"
+
+
+def _ms(value: float | None) -> str:
+    if value is None:
+        return DASH
+    for limit, digits in ((100, 0), (10, 1), (1, 2)):
+        if value >= limit:
+            return f"{value:.{digits}f}"
+    return f"{value:.3f}"
+
+
+def _iqr(row: Row, scale: float = 1.0) -> str:
+    if row.q1_ms is None:
+        return DASH
+    low, high = row.q1_ms * scale, row.q3_ms * scale
+    return f"[{_ms(low)}–{_ms(high)}] n={row.repeats}"
+
+
+def _images(row: Row) -> str:
+    if row.images_per_s is None:
+        return DASH
+    tag = "m" if row.images_per_s_source == "measured" else "d"
+    return f"{_sig(row.images_per_s)} {tag}"
+
+
+def _bytes(value: int | None) -> str:
+    if value is None:
+        return DASH
+    return f"{value / 2 ** 30:.2f} GiB" if value >= 2 ** 30 else f"{value / 2 ** 20:.0f} MiB"
+
+
+def _num(value: float | None, digits: int) -> str:
+    return DASH if value is None else f"{value:.{digits}f}"
+
+
+def _sig(value: float | None) -> str:
+    """Three significant figures, without an exponent down to 1e-4."""
+    if value is None:
+        return DASH
+    if value >= 1000:
+        return f"{value:.0f}"
+    return f"{value:.3g}" if value >= 1e-4 or value == 0 else f"{value:.1e}"
+
+
+def _pct(value: float | None) -> str:
+    return DASH if value is None else f"{value:.1f}%"
+
+
+def _speedup(value: float | None) -> str:
+    return DASH if value is None else f"{value:.2f}x"
+
+
+def legend(steps: int, device_type: str, compile_mode: str, memory_method: str) -> str:
+    lines = [
+        "How to read the tables",
+        "  times      median of the repeats after warm-up ([IQR] = 25th-75th percentile, n repeats);"
+        + (" CUDA events, L2 flushed before each op repeat" if device_type == "cuda"
+           else " time.perf_counter on the CPU"),
+        f"  img/s      images per second of a {steps}-step sampling run: 'd' derived from the step "
+        "time (batch / (steps x ms/step), the sampler's own work left out), 'm' measured end to end",
+        f"  peak mem   {memory_method}",
+        "  TFLOP/s    FLOPs of convolutions and matrix products (torch.utils.flop_counter) / median time",
+        "  % peak     of the datasheet peak for the row's dtype (bf16, or tf32 for fp32 when cuDNN "
+        "allows it); ops: of peak memory bandwidth (GB/s rows) or matrix rate (TFLOP/s rows)",
+        "  % roofline time at peak (the slower of FLOPs / peak rate and fused-floor bytes / peak "
+        "bandwidth) over the median: 100% is the hardware's floor",
+        "  bytes      fused floor: weights once per step, each conv/matmul operand read and result "
+        "written once, attention scores on chip (bench/counting.py); ops: minimal reads + writes",
+        "  speed-up   over 'reference eager' (models) or 'torch' (ops) of the same case in this run",
+        f"  compile s  first call of a compiled row (mode {compile_mode}), kept out of the times",
+    ]
+    return "\n".join(lines)

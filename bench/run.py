@@ -1,0 +1,234 @@
+"""sr3fast benchmarks: U-Net step time per configuration x batch x implementation, and the fused
+ops at SR3's shapes, on the best available device.
+
+    python bench/run.py                      # everything the device can run in reasonable time
+    python bench/run.py --quick              # CI smoke test: a small subset, under two minutes on a CPU
+    python bench/run.py --config paper-64-256 --batch 4 --impl reference-eager,fused-triton
+    python bench/run.py --ops-only --json ops.json
+    python bench/run.py --save               # bench/results/<device>-<date>.json
+
+Exit status: 0 when every row ran or was skipped for a stated reason (an unavailable backend,
+out of memory), 1 when any row failed, 2 on bad arguments. See bench/README.md.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from bench import environment, hardware, metrics, model_bench, op_bench, op_cases, report  # noqa: E402
+from bench.records import ERROR, Row, write_json  # noqa: E402
+from bench.timing import Budget  # noqa: E402
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def budgets(device: torch.device, quick: bool, repeats: int | None) -> tuple[Budget, Budget]:
+    """(model budget, op budget). A CPU model step takes seconds, so few repeats there."""
+    if quick:
+        model, ops = Budget(1, 3, 10, 0.3), Budget(1, 3, 20, 0.2)
+    elif device.type == "cuda":
+        model, ops = Budget(5, 10, 100, 2.0), Budget(10, 25, 1000, 0.5)
+    else:
+        model, ops = Budget(1, 3, 20, 3.0), Budget(2, 5, 100, 0.5)
+    if repeats:
+        model = Budget(model.warmup, repeats, repeats, 0.0)
+        ops = Budget(ops.warmup, repeats, repeats, 0.0)
+    return model, ops
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                        help="auto: cuda when a GPU is visible, else cpu")
+    parser.add_argument("--config", action="append", metavar="NAME",
+                        help=f"model preset (repeat or comma-separate); default {', '.join(model_bench.DEFAULT_CONFIGS)}")
+    parser.add_argument("--batch", action="append", type=int, metavar="N",
+                        help="batch size (repeatable); default 1, 4, 16 on GPU and 1 on CPU")
+    parser.add_argument("--steps", type=int, default=100, metavar="N",
+                        help="sampling steps for images/s (default 100, the paper's largest)")
+    parser.add_argument("--impl", action="append", metavar="KEY",
+                        help=f"model implementations (repeat or comma-separate): {', '.join(model_bench.KEYS)}")
+    parser.add_argument("--repeats", type=int, metavar="N", help="exactly N timed repeats per row")
+    parser.add_argument("--compile-mode", metavar="MODE",
+                        help="torch.compile mode of the compiled rows (default max-autotune on GPU, "
+                             "default on CPU, where max-autotune takes too long)")
+    parser.add_argument("--measure-sampling", action="store_true",
+                        help="also time whole sampling runs (eager and compiled rows) instead of "
+                             "only deriving images/s from the step time")
+    selection = parser.add_mutually_exclusive_group()
+    selection.add_argument("--ops-only", action="store_true", help="only the per-op microbenchmarks")
+    selection.add_argument("--model-only", action="store_true", help="only the U-Net step benchmarks")
+    parser.add_argument("--quick", action="store_true",
+                        help="smoke test: the tiny model at batch 1 without compiled model rows, the "
+                             "smallest shape of each op, few repeats")
+    parser.add_argument("--json", type=Path, metavar="PATH", help="write every row to PATH")
+    parser.add_argument("--save", action="store_true",
+                        help="write every row to bench/results/<device-slug>-<YYYY-MM-DD>.json")
+    parser.add_argument("--list", action="store_true", help="list presets and implementations, then exit")
+    args = parser.parse_args(argv)
+
+    args.config = _split(args.config)
+    args.impl = _split(args.impl) or list(model_bench.KEYS)
+    unknown = sorted(set(args.impl) - set(model_bench.KEYS))
+    if unknown:
+        parser.error(f"unknown --impl {', '.join(unknown)}; choose from {', '.join(model_bench.KEYS)}")
+    if args.config:
+        from sr3fast.model import presets
+        names = presets()
+        missing = [c for c in args.config if c not in names]
+        if missing:
+            parser.error(f"unknown --config {', '.join(missing)}; choose from {', '.join(names)}")
+    for name in ("steps", "repeats"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            parser.error(f"--{name} must be at least 1")
+    if args.batch and min(args.batch) < 1:
+        parser.error("--batch must be at least 1")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: no CUDA device is visible to torch")
+    return args
+
+
+def _split(values: list[str] | None) -> list[str]:
+    return [item.strip() for value in values or () for item in value.split(",") if item.strip()]
+
+
+def progress(message: str) -> None:
+    print(f"[bench] {message}", file=sys.stderr, flush=True)
+
+
+def run_ops(device: torch.device, quick: bool, budget: Budget, compile_mode: str, peak) -> list[Row]:
+    rows = []
+    cases = op_cases.QUICK_CASES if quick else op_cases.CASES
+    tf32 = hardware.tf32_enabled()
+    for op in dict.fromkeys(case.op for case in cases):
+        op_rows = []
+        for case in (c for c in cases if c.op == op):
+            for provider in op_cases.providers():
+                progress(f"{op} {case.label} {provider}")
+                row = op_bench.run_case(case, provider, device, budget, compile_mode)
+                metrics.add_rates(row, peak, case.dtype(device), tf32, case.primary)
+                op_rows.append(row)
+        metrics.add_speedups(op_rows, op_bench.BASELINE)
+        unit = next(c.unit for c in cases if c.op == op)
+        print(report.op_table(op, unit, op_cases.NOTES.get(op), op_rows) + "\n", flush=True)
+        rows += op_rows
+    return rows
+
+
+def run_models(args, device: torch.device, budget: Budget, compile_mode: str, peak) -> list[Row]:
+    from sr3fast.model import presets
+    from bench import counting
+
+    explicit = bool(args.config)
+    configs = args.config or list(model_bench.QUICK_CONFIGS if args.quick else model_bench.DEFAULT_CONFIGS)
+    if args.batch:
+        batches = args.batch
+    else:
+        batches = [1] if args.quick else list(model_bench.default_batches(device))
+    implementations = [impl for impl in model_bench.IMPLEMENTATIONS if impl.key in args.impl]
+    settings = model_bench.ModelSettings(
+        device, budget, compile_mode, args.steps, args.measure_sampling,
+        skip_compiled="left out by --quick: compiling a U-Net takes minutes on a CPU" if args.quick else None)
+    tf32 = hardware.tf32_enabled()
+    rows = []
+    for config in configs:
+        meta = model_bench.meta_model(config)
+        spec = presets()[config]
+        size = spec.unet.image_size
+        per_image = counting.count_step(meta, 1, size)
+        parameters = sum(p.numel() for p in meta.parameters())
+        description = (f"{spec.low_res}->{spec.high_res}, {parameters / 1e6:.1f} M parameters, "
+                       f"{per_image.flops / 1e9:.3g} GFLOP per image per step")
+        config_rows = []
+        excluded = None if explicit or device.type == "cuda" else model_bench.cpu_default_excludes(config, per_image)
+        if excluded:
+            config_rows.append(Row("model", config, "*", "all", "-").skip(excluded))
+            print(report.model_table(config, description, config_rows) + "\n", flush=True)
+            rows += config_rows
+            continue
+        models = model_bench.ModelCache(config, device)
+        for batch in batches:
+            counts = counting.count_step(meta, batch, size)
+            for impl in implementations:
+                progress(f"{config} batch {batch} {impl.key}")
+                row = model_bench.run_row(config, batch, impl, models, counts, settings)
+                metrics.add_rates(row, peak, _dtype(row.dtype), tf32, "flops")
+                metrics.add_derived_sampling(row, args.steps)
+                config_rows.append(row)
+            if model_bench.CPP_LOOP in args.impl:
+                config_rows.append(Row("model", config, f"batch {batch}", "C++ loop", "-", batch=batch)
+                                   .skip(model_bench.cpp_loop_unavailable()))
+        models.clear()
+        metrics.add_speedups(config_rows, model_bench.BASELINE)
+        print(report.model_table(config, description, config_rows) + "\n", flush=True)
+        rows += config_rows
+    return rows
+
+
+def _dtype(name: str) -> torch.dtype:
+    return getattr(torch, name, torch.float32)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.list:
+        from sr3fast.model import presets
+        for name, config in presets().items():
+            print(f"{name:16s} {config.description}")
+        print("implementations: " + ", ".join(model_bench.KEYS))
+        return 0
+    started = time.perf_counter()
+    device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+                          else "cpu")
+    compile_mode = args.compile_mode or ("max-autotune" if device.type == "cuda" else "default")
+    op_compile_mode = "max-autotune-no-cudagraphs" if compile_mode == "max-autotune" else compile_mode
+    model_budget, op_budget = budgets(device, args.quick, args.repeats)
+
+    info = environment.collect(device)
+    peak = hardware.peak_for(device)
+    if device.type == "cuda" and not args.quick:
+        progress("measuring copy bandwidth and bf16 GEMM rate")
+        info["ceilings"] = hardware.measure_ceilings(device)
+    print("\n".join(environment.describe(info)) + "\n", flush=True)
+    if device.type == "cpu" and not (args.config or args.quick or args.ops_only):
+        print(f"CPU defaults: batch 1, configurations over {model_bench.CPU_DEFAULT_MAX_GFLOP} GFLOP per "
+              "step left out (each says so), few repeats; pass --config/--batch to run more.\n")
+
+    rows = []
+    if not args.model_only:
+        rows += run_ops(device, args.quick, op_budget, op_compile_mode, peak)
+    if not args.ops_only:
+        rows += run_models(args, device, model_budget, compile_mode, peak)
+
+    memory_method = next((r.memory_method for r in rows if r.memory_method), "peak memory of the measured region")
+    print(report.legend(args.steps, device.type, compile_mode, memory_method))
+    elapsed = time.perf_counter() - started
+    failures = [r for r in rows if r.status == ERROR]
+    print(f"\n{len(rows)} rows in {elapsed:.0f} s; {len(failures)} failed")
+
+    settings = {"argv": sys.argv[1:], "quick": args.quick, "steps": args.steps,
+                "compile_mode": compile_mode, "op_compile_mode": op_compile_mode,
+                "model_budget": asdict(model_budget), "op_budget": asdict(op_budget),
+                "elapsed_s": elapsed}
+    paths = [args.json] if args.json else []
+    if args.save:
+        paths.append(RESULTS / f"{environment.slug(info)}-{datetime.date.today().isoformat()}.json")
+    for path in paths:
+        write_json(path, info, settings, rows)
+        print(f"wrote {path}")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
