@@ -9,7 +9,7 @@ Per element of sample b, with (a, b', m0, m1, sigma) = coefs[b]:
 Maths in fp32 whatever the storage dtype (fp32 / fp16 / bf16; y_t, eps and noise may differ).
 
 Memory traffic: one read of y_t and eps, one read of z when it is given, one write of y_prev,
-plus 20 bytes of coefficients (and 8 bytes of seed) per program. With in-kernel noise that is
+plus 20 bytes of coefficients (and 8 of seed) per program, cached. With in-kernel noise that is
 3 elements of traffic per element (6 B in bf16, 12 B in fp32); with given noise, 4.
 
 Layout: the kernel sees every tensor as a flat (B, N) array in memory order, N = numel / B,
@@ -23,15 +23,27 @@ division per program (not per element) buys scalar coefficient loads and no grid
 on B. Only the last block of each sample is partly masked.
 
 In-kernel noise (GENERATE_NOISE): counter-based Philox4x32-10 keyed by a 64-bit seed read from
-device memory (drawn per call by the caller with torch's generator; see sr3fast.ops.triton).
+device memory (drawn per call with torch's generator; see sr3fast.ops.triton.reverse_step).
 One Philox evaluation yields four 32-bit words, turned into four N(0, 1) values by two
-Box–Muller transforms, so a program splits its block into four contiguous quarters of
-BLOCK / 4 elements and element (b, j·BLOCK + q·BLOCK/4 + i) takes output q of the evaluation at
-counter (c0, c1) = (j·BLOCK/4 + i, b). Counters are distinct for every group of four elements
-within a call, so every element gets its own stream position. Using all four words matters on
-an H100: ten Philox rounds cost about a hundred integer instructions, which per element would
-make the kernel compute-bound at bf16's 6 bytes per element; per four elements they fit under
-the memory time. The quarters keep every load and store contiguous and coalesced.
+Box–Muller transforms: element k of sample b takes word k % 4 of the evaluation at counter
+(c0, c1) = (k // 4, b). Counters are distinct for every group of four elements within a call,
+so every element has its own stream position, and z depends only on (seed, b, k): not on BLOCK,
+num_warps or the device (the CPU interpreter draws the same stream, up to the rounding of
+log and sqrt).
+
+Instruction budget, which decides whether this stays memory-bound on an H100: bf16 with
+in-kernel noise moves 6 B per element, so 85-100% of 3.35 TB/s is 475-560 G elements/s, against
+~30 T thread-instructions/s of issue (4 SMSPs x 32 lanes x 132 SMs x ~1.75 GHz): 55-60
+instructions per element in all. Hence:
+  - a Philox evaluation is ~60 instructions by itself, so all four of its words are used;
+  - libdevice's sinf and cosf reduce their argument separately and keep a Payne–Hanek path,
+    so _sincos_2pi shares one exact reduction in turns (half the instructions);
+  - the four normals are interleaved with join + reshape (order-preserving), which keeps z in
+    the loads' layout: each thread draws the noise of exactly the elements it loads
+    (quarter-tiles instead made Triton move z through shared memory).
+Compiled for sm_90 (Triton 3.8, this file's BLOCK and NUM_WARPS; static SASS, branch-free):
+~57 instructions per element with in-kernel noise, ~16 with given noise; 16-byte loads and
+stores; no shared or local memory; 63 registers in bf16, 143 in fp32. Measure before trusting.
 """
 from __future__ import annotations
 
@@ -40,26 +52,49 @@ import triton
 import triton.language as tl
 from torch.library import wrap_triton
 
-# Elements per program: four quarters of 1024, i.e. 8 elements per thread per quarter with
-# 4 warps: one 16-byte access per thread per quarter in bf16, two in fp32. To be confirmed by the
-# benchmark on the H100 (sweep BLOCK and NUM_WARPS there).
+# Elements per program. With 4 warps each thread owns 32 consecutive elements: four 16-byte
+# accesses per tensor in bf16, eight in fp32, and 8 Philox evaluations; enough bytes in flight
+# per thread. To be confirmed on the H100 (bench: sweep BLOCK and NUM_WARPS).
 BLOCK = 4096
 NUM_WARPS = 4
 
 
 @triton.jit
-def _update_tile(y_ptr, eps_ptr, out_ptr, offsets, mask, z,
-                 a, b, m0, m1, sigma, clip, HAS_CLIP: tl.constexpr):
-    """y_prev for one contiguous tile. offsets, mask, z: (TILE,) ; the rest are fp32 scalars."""
-    y = tl.load(y_ptr + offsets, mask=mask).to(tl.float32)
-    e = tl.load(eps_ptr + offsets, mask=mask).to(tl.float32)
-    x0 = a * y - b * e
-    if HAS_CLIP:
-        # NaN in, NaN out, as torch.clamp: a diverging sampler must not be hidden by the clip.
-        x0 = tl.minimum(tl.maximum(x0, -clip, propagate_nan=tl.PropagateNan.ALL), clip,
-                        propagate_nan=tl.PropagateNan.ALL)
-    y_prev = m0 * x0 + m1 * y + sigma * z
-    tl.store(out_ptr + offsets, y_prev.to(out_ptr.dtype.element_ty), mask=mask)
+def _sincos_2pi(u):
+    """(sin 2πu, cos 2πu) for fp32 u in [0, 1), absolute error about 1e-7.
+
+    The angle is reduced exactly in turns (4u − round(4u) is exact in fp32) to p in [−π/4, π/4],
+    where Taylor polynomials to p⁹ and p⁸ are accurate to 3e-8; the quadrant then swaps and
+    negates. Sine and cosine share the reduction: about half the instructions of libdevice's
+    sinf + cosf, which reduce separately and carry a Payne–Hanek path for huge arguments.
+    """
+    t = 4.0 * u
+    quadrant = tl.floor(t + 0.5)
+    p = (t - quadrant) * 1.5707963267948966
+    p2 = p * p
+    s = p * (1.0 + p2 * (-1.0 / 6 + p2 * (1.0 / 120 + p2 * (-1.0 / 5040 + p2 * (1.0 / 362880)))))
+    c = 1.0 + p2 * (-0.5 + p2 * (1.0 / 24 + p2 * (-1.0 / 720 + p2 * (1.0 / 40320))))
+    q = quadrant.to(tl.int32)
+    # (sin, cos)(qπ/2 + p) for q mod 4 = 0, 1, 2, 3: (s, c), (c, −s), (−s, −c), (−c, s)
+    odd = (q & 1) != 0
+    sin = tl.where(odd, c, s)
+    cos = tl.where(odd, s, c)
+    sin = tl.where((q & 2) != 0, -sin, sin)
+    cos = tl.where(((q + 1) & 2) != 0, -cos, cos)
+    return sin, cos
+
+
+@triton.jit
+def _normal_pair(bits_r, bits_theta):
+    """Two independent N(0, 1) values from two uniform 32-bit words (Box–Muller).
+
+    The radius clamps u >= 1e-7 against log(0), as tl.randn does: |z| <= 5.68, a tail of
+    probability 1.3e-8 that the 24-bit uniforms could barely resolve anyway.
+    """
+    u = tl.maximum(tl.uint_to_uniform_float(bits_r), 1.0e-7)
+    radius = tl.sqrt(-2.0 * tl.log(u))
+    sin, cos = _sincos_2pi(tl.uint_to_uniform_float(bits_theta))
+    return radius * cos, radius * sin
 
 
 @triton.jit
@@ -92,39 +127,30 @@ def reverse_step_kernel(
 
     # int64: B·N can pass 2**31 at 1024² and batch 1000; in-sample offsets stay int32.
     base = sample.to(tl.int64) * N
-    y_ptr += base
-    eps_ptr += base
-    noise_ptr += base
-    out_ptr += base
-    start = block * BLOCK
+    offsets = block * BLOCK + tl.arange(0, BLOCK)
+    mask = offsets < N
 
     if GENERATE_NOISE:
-        QUARTER: tl.constexpr = BLOCK // 4
-        lane = tl.arange(0, QUARTER)
-        seed = tl.load(seed_ptr)
-        counter = block * QUARTER + lane           # unique per group of four within the sample
-        zero = counter * 0
-        r0, r1, r2, r3 = tl.philox(seed, counter, zero + sample, zero, zero)
-        z0, z1 = tl.pair_uniform_to_normal(tl.uint_to_uniform_float(r0), tl.uint_to_uniform_float(r1))
-        z2, z3 = tl.pair_uniform_to_normal(tl.uint_to_uniform_float(r2), tl.uint_to_uniform_float(r3))
-        offsets = start + lane
-        _update_tile(y_ptr, eps_ptr, out_ptr, offsets, offsets < N, z0,
-                     a, b, m0, m1, sigma, clip, HAS_CLIP)
-        offsets += QUARTER
-        _update_tile(y_ptr, eps_ptr, out_ptr, offsets, offsets < N, z1,
-                     a, b, m0, m1, sigma, clip, HAS_CLIP)
-        offsets += QUARTER
-        _update_tile(y_ptr, eps_ptr, out_ptr, offsets, offsets < N, z2,
-                     a, b, m0, m1, sigma, clip, HAS_CLIP)
-        offsets += QUARTER
-        _update_tile(y_ptr, eps_ptr, out_ptr, offsets, offsets < N, z3,
-                     a, b, m0, m1, sigma, clip, HAS_CLIP)
+        QUADS: tl.constexpr = BLOCK // 4
+        quad = block * QUADS + tl.arange(0, QUADS)   # Philox counter c0 = k // 4
+        zero = quad * 0
+        r0, r1, r2, r3 = tl.philox(tl.load(seed_ptr), quad, zero + sample, zero, zero)
+        z0, z1 = _normal_pair(r0, r1)
+        z2, z3 = _normal_pair(r2, r3)
+        # (QUADS, 2, 2) -> (BLOCK,), row-major: element 4q + i takes z_i[q]
+        z = tl.reshape(tl.join(tl.join(z0, z1), tl.join(z2, z3)), (BLOCK,))
     else:
-        offsets = start + tl.arange(0, BLOCK)
-        mask = offsets < N
-        z = tl.load(noise_ptr + offsets, mask=mask).to(tl.float32)
-        _update_tile(y_ptr, eps_ptr, out_ptr, offsets, mask, z,
-                     a, b, m0, m1, sigma, clip, HAS_CLIP)
+        z = tl.load(noise_ptr + base + offsets, mask=mask).to(tl.float32)
+
+    y = tl.load(y_ptr + base + offsets, mask=mask).to(tl.float32)
+    e = tl.load(eps_ptr + base + offsets, mask=mask).to(tl.float32)
+    x0 = a * y - b * e
+    if HAS_CLIP:
+        # NaN in, NaN out, as torch.clamp: a diverging sampler must not be hidden by the clip.
+        x0 = tl.minimum(tl.maximum(x0, -clip, propagate_nan=tl.PropagateNan.ALL), clip,
+                        propagate_nan=tl.PropagateNan.ALL)
+    y_prev = m0 * x0 + m1 * y + sigma * z
+    tl.store(out_ptr + base + offsets, y_prev.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _is_dense_batch_major(t: torch.Tensor) -> bool:

@@ -21,10 +21,23 @@ import sr3fast
 from sr3fast import ops, reference
 from support import DEVICE, assert_within_baseline, fast_backend_params, fp32_atol, report
 
+try:  # for a direct test of the Triton kernel's sin/cos helper; its test skips without triton
+    import triton
+    import triton.language as tl
+
+    from sr3fast.kernels.reverse_step import _sincos_2pi
+except ImportError:
+    triton = None
+
 EPS32 = torch.finfo(torch.float32).eps
 BACKENDS = fast_backend_params("reverse_step")
 TRITON_ONLY = [p for p in BACKENDS if p.id == "triton"]
-needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def needs_cuda(test):
+    """CUDA-only: skipped here with the reason, marked `cuda` (pyproject's marker) for selection."""
+    return pytest.mark.cuda(pytest.mark.skipif(not torch.cuda.is_available(),
+                                               reason="needs a CUDA device")(test))
 
 
 # ---------------------------------------------------------------------------------- helpers
@@ -257,31 +270,71 @@ def _corr(u: torch.Tensor, v: torch.Tensor) -> float:
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_in_kernel_noise_statistics(backend):
     """z must look like iid N(0, 1). Every bound is 6 standard deviations of its estimator under
-    that hypothesis (a false alarm about once in 5e8 per check), with n draws:
-    mean: sd 1/sqrt(n); variance: sd sqrt(2/n); P(|z| < 1): sd sqrt(p(1-p)/n); the sample
-    correlation of two independent fields of m elements: sd 1/sqrt(m)."""
+    that hypothesis (a false alarm about once in 5e8 per check), with n draws: mean: sd
+    1/sqrt(n); variance: sd sqrt(2/n); fourth moment (3 for a normal): sd sqrt((105 - 9)/n);
+    P(|z| < 1): sd sqrt(p(1-p)/n); the sample correlation of two independent series of m
+    values: sd 1/sqrt(m)."""
     batch, shape = 4, (4, 1, 128, 128)
     y = torch.zeros(shape, device=DEVICE)
     z = _fast(backend, y, y, _unit_noise_coefs(batch), generator=_generator(1)).double()
     n = z.numel()
-    mean, var = z.mean().item(), z.var().item()
+    mean, var, fourth = z.mean().item(), z.var().item(), z.pow(4).mean().item()
     p = math.erf(1 / math.sqrt(2))
     inside = (z.abs() < 1).double().mean().item()
-    print(f"n={n} mean={mean:.2e} var={var:.5f} P(|z|<1)={inside:.5f} (expected {p:.5f})")
+    print(f"n={n} mean={mean:.2e} var={var:.5f} E[z^4]={fourth:.4f} P(|z|<1)={inside:.5f} "
+          f"(expected {p:.5f})")
     assert abs(mean) <= 6 / math.sqrt(n)
     assert abs(var - 1) <= 6 * math.sqrt(2 / n)
+    assert abs(fourth - 3) <= 6 * math.sqrt(96 / n)
     assert abs(inside - p) <= 6 * math.sqrt(p * (1 - p) / n)
+
+    # Independence between samples and between neighbours. Lags 1-3 share one Philox
+    # evaluation in the Triton kernel (lag 1: one Box-Muller pair), lag 4 the next one; the
+    # checks hold for any backend. Squares catch dependence that leaves correlation at zero
+    # (z1 = ±z0 would).
     per_sample = z.shape[1:].numel()
-    between_samples = _corr(z[0], z[1])
-    # Elements a quarter-block apart share one Philox evaluation in the Triton kernel; the
-    # test holds for any backend, since they must be independent whatever the generator.
+    pairs = {"samples 0/1": (z[0].flatten(), z[1].flatten())}
     flat = z[0].flatten()
-    quarter_apart = _corr(flat[:-1024], flat[1024:])
-    neighbours = _corr(flat[:-1], flat[1:])
-    print(f"corr: between samples {between_samples:.2e}, 1024 apart {quarter_apart:.2e}, "
-          f"neighbours {neighbours:.2e}")
-    for value in (between_samples, quarter_apart, neighbours):
-        assert abs(value) <= 6 / math.sqrt(per_sample - 1024)
+    for lag in (1, 2, 3, 4):
+        pairs[f"lag {lag}"] = (flat[:-lag], flat[lag:])
+    for name, (u, v) in pairs.items():
+        corr, corr_sq = _corr(u, v), _corr(u * u, v * v)
+        print(f"{name}: corr {corr:.2e}, corr of squares {corr_sq:.2e}")
+        assert abs(corr) <= 6 / math.sqrt(per_sample - 4)
+        assert abs(corr_sq) <= 6 / math.sqrt(per_sample - 4)
+
+
+@pytest.mark.parametrize("backend", TRITON_ONLY)
+def test_sincos_2pi_matches_float64(backend):
+    """The Triton kernel's own sin/cos of 2πu (see kernels/reverse_step.py) against float64, on
+    every quadrant boundary and random points. Bound: the reduction is exact, p = f·π/2 and the
+    Horner steps round to a few eps32 of values <= 1, truncation is below 3e-8: 4·eps32."""
+    boundaries = torch.arange(0, 16, dtype=torch.float64) / 16
+    near = torch.cat([boundaries, (boundaries - 2.0**-24).clamp(min=0), boundaries + 2.0**-24])
+    u = torch.cat([near, torch.rand(4096, generator=_generator(9, "cpu"), dtype=torch.float64)])
+    u = u.float().clamp(max=1 - 2.0**-24).to(DEVICE)
+    sin, cos = _sincos_probe(u)
+    angle = 2 * math.pi * u.double()
+    for name, actual, expected in (("sin", sin, angle.sin()), ("cos", cos, angle.cos())):
+        max_err, _ = report(f"{name}(2πu)", actual, expected)
+        assert max_err <= 4 * EPS32
+
+
+if triton is not None:
+    @triton.jit
+    def _sincos_probe_kernel(u_ptr, sin_ptr, cos_ptr, n, BLOCK: tl.constexpr):
+        """sin_ptr[i], cos_ptr[i] = _sincos_2pi(u_ptr[i]) for i < n; all (n,) float32."""
+        offsets = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        mask = offsets < n
+        sin, cos = _sincos_2pi(tl.load(u_ptr + offsets, mask=mask, other=0.0))
+        tl.store(sin_ptr + offsets, sin, mask=mask)
+        tl.store(cos_ptr + offsets, cos, mask=mask)
+
+
+def _sincos_probe(u: torch.Tensor):
+    sin, cos = torch.empty_like(u), torch.empty_like(u)
+    _sincos_probe_kernel[(triton.cdiv(u.numel(), 1024),)](u, sin, cos, u.numel(), BLOCK=1024)
+    return sin, cos
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -329,7 +382,7 @@ def test_in_kernel_noise_enters_scaled_by_sigma(backend):
     for i in range(3):
         std = z[i].std().item()
         print(f"sample {i}: sigma={coefs[i, 4].item()} recovered std {std:.4f}")
-        assert abs(std - 1) <= 6 * math.sqrt(1 / (2 * n)) + 1e-4  # sd of sample std ~ 1/sqrt(2n)
+        assert abs(std - 1) <= 6 * math.sqrt(1 / (2 * n))  # sd of a sample std: 1/sqrt(2n)
 
 
 # ------------------------------------------------------------- randomized over shapes

@@ -23,8 +23,7 @@ Autograd: the update is linear in y_t and eps (through the clamp's mask), so the
 implemented for those two (plain torch ops, recomputing x0 for the mask; not a hot path).
 Gradients for coefs or noise raise NotImplementedError; use the reference backend for them.
 """
-from __future__ import annotations
-
+# No `from __future__ import annotations`: triton_op infers the schema from real annotations.
 from typing import Optional
 
 import torch
@@ -74,15 +73,15 @@ def _backward(ctx, grad):
 reverse_step_triton.register_autograd(_backward, setup_context=_setup_context)
 
 
-def draw_seed(device: torch.device, generator: torch.Generator | None = None) -> torch.Tensor:
+def draw_seed(device: torch.device, generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """A (1,) int64 Philox key on `device`, drawn with `generator` (default: the device's)."""
     return torch.randint(0, _SEED_HIGH, (1,), generator=generator, device=device,
                          dtype=torch.int64)
 
 
 def reverse_step(y_t: torch.Tensor, eps: torch.Tensor, coefs: torch.Tensor,
-                 noise: torch.Tensor | None = None, clip: float | None = None,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
+                 noise: Optional[torch.Tensor] = None, clip: Optional[float] = None,
+                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """sr3fast.reference.reverse_step run by one Triton kernel; arguments checked by sr3fast.ops."""
     seed = draw_seed(y_t.device, generator) if noise is None else None
     return reverse_step_triton(y_t, eps, coefs, noise, seed, clip)
