@@ -721,12 +721,31 @@ def _check(x: torch.Tensor, num_groups: int) -> tuple[int, int, int]:
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
         raise TypeError(f"groupnorm_silu: the Triton kernels take float32, float16 or bfloat16 "
                         f"x, got {x.dtype}; convert x first")
-    batch, channels = x.shape[:2]
-    spatial = math.prod(x.shape[2:])
+    # Concrete ints: the plan (strategy, tile, constexprs) is per shape, so under torch.compile
+    # with dynamic shapes this specializes on the sizes instead of passing SymInt constexprs.
+    batch, channels = int(x.shape[0]), int(x.shape[1])
+    spatial = int(math.prod(x.shape[2:]))
     if channels * spatial >= 2 ** 31:
         raise ValueError(f"groupnorm_silu: one sample of {channels}×{spatial} elements is too "
                          "large for 32-bit in-sample offsets; split the image into tiles")
     return batch, channels, spatial
+
+
+def forward_outputs(x: torch.Tensor, num_groups: int):
+    """Uninitialized (y, mean, rstd) exactly as forward() returns them (also the fake impl)."""
+    x, _ = memory_order(x)
+    mean = x.new_empty(x.shape[0], num_groups, dtype=torch.float32)
+    return torch.empty_like(x), mean, torch.empty_like(mean)
+
+
+def backward_outputs(x, weight, bias, shift, shift_grad: bool, affine_grad: bool):
+    """Uninitialized (dx, dweight, dbias, dshift) exactly as backward() returns them: None for
+    a gradient not asked for or of an absent tensor (also the fake impl)."""
+    x, _ = memory_order(x)
+    return (torch.empty_like(x),
+            torch.empty_like(weight) if affine_grad and weight is not None else None,
+            torch.empty_like(bias) if affine_grad and bias is not None else None,
+            torch.empty_like(shift) if shift_grad and shift is not None else None)
 
 
 def _flags(shift, weight, bias, x):
@@ -744,9 +763,7 @@ def forward(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None,
     """y, mean (B, G) fp32, rstd (B, G) fp32. y has x's dtype and memory order."""
     batch, channels, spatial = _check(x, num_groups)
     x, channels_last = memory_order(x)
-    y = torch.empty_like(x)
-    mean = torch.empty(batch, num_groups, device=x.device, dtype=torch.float32)
-    rstd = torch.empty_like(mean)
+    y, mean, rstd = forward_outputs(x, num_groups)
     if x.numel() == 0:
         return y, mean.fill_(float("nan")), rstd.fill_(float("nan"))
     p = plan(batch, channels, spatial, num_groups, channels_last, _multiprocessors(x.device),
@@ -791,14 +808,9 @@ def backward(dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rstd: torch.
     batch, channels, spatial = _check(x, num_groups)
     x, channels_last = memory_order(x)
     dy = _in_order(dy, channels_last)
-    shift_grad = shift_grad and shift is not None
-    weight_grad = affine_grad and weight is not None
-    bias_grad = affine_grad and bias is not None
+    dx, dweight, dbias, dshift = backward_outputs(x, weight, bias, shift, shift_grad, affine_grad)
+    shift_grad, weight_grad, bias_grad = dshift is not None, dweight is not None, dbias is not None
     affine_grad = weight_grad or bias_grad
-    dx = torch.empty_like(x)
-    dshift = torch.empty_like(shift) if shift_grad else None
-    dweight = torch.empty_like(weight) if weight_grad else None
-    dbias = torch.empty_like(bias) if bias_grad else None
     if x.numel() == 0:
         for t in (dx, dshift, dweight, dbias):
             if t is not None:

@@ -1,16 +1,20 @@
 """Triton backend of groupnorm_silu, registered with torch.library so torch.compile, export and
 CUDA graphs see its kernels (kernels/groupnorm_silu.py).
 
-Two ops, both `triton_op`s whose fake implementations are derived from the same Python:
+Two ops, both `triton_op`s:
   sr3fast::groupnorm_silu_triton           (x, ...) -> (y, mean, rstd)
   sr3fast::groupnorm_silu_backward_triton  (dy, x, mean, rstd, ...) -> (dx, dweight, dbias, dshift)
 The forward saves x, mean and rstd (fp32, (B, G)) plus references to shift/weight/bias; the
 backward recomputes x̂ and SiLU from them. Gradients the caller does not need are returned as
 empty tensors by the backward op (schemas cannot return None) and are not computed.
+
+Fake implementations: triton_op derives one by running the launcher with its kernels skipped;
+we register the launchers' own output-allocation step instead. It is the same code, costs no
+planning, and, unlike the derived one, also works where the kernels run in Triton's CPU
+interpreter (which would execute them on fake tensors).
 """
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 from torch.library import triton_op
 
@@ -23,15 +27,30 @@ def _forward(x: Tensor, num_groups: int, weight: Tensor | None, bias: Tensor | N
     return kernels.forward(x, num_groups, weight, bias, eps, shift, act)
 
 
+@_forward.register_fake
+def _forward_fake(x, num_groups, weight, bias, eps, shift, act):
+    return kernels.forward_outputs(x, num_groups)
+
+
+def _schema_outputs(x: Tensor, grads) -> tuple[Tensor, ...]:
+    """Gradients with None (not computed) as empty tensors, which the op schema can return;
+    one each, as outputs of an op may not alias one another."""
+    return tuple(x.new_empty(0) if g is None else g for g in grads)
+
+
 @triton_op("sr3fast::groupnorm_silu_backward_triton", mutates_args=())
 def _backward_op(dy: Tensor, x: Tensor, mean: Tensor, rstd: Tensor, num_groups: int,
                  weight: Tensor | None, bias: Tensor | None, shift: Tensor | None, act: bool,
                  shift_grad: bool, affine_grad: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    dx, dweight, dbias, dshift = kernels.backward(dy, x, mean, rstd, num_groups, weight, bias,
-                                                  shift, act, shift_grad, affine_grad)
-    empty = x.new_empty(0)
-    return (dx, empty if dweight is None else dweight, empty if dbias is None else dbias,
-            empty if dshift is None else dshift)
+    return _schema_outputs(x, kernels.backward(dy, x, mean, rstd, num_groups, weight, bias,
+                                               shift, act, shift_grad, affine_grad))
+
+
+@_backward_op.register_fake
+def _backward_fake(dy, x, mean, rstd, num_groups, weight, bias, shift, act, shift_grad,
+                   affine_grad):
+    return _schema_outputs(x, kernels.backward_outputs(x, weight, bias, shift, shift_grad,
+                                                       affine_grad))
 
 
 def _setup_context(ctx, inputs, output):
