@@ -17,7 +17,9 @@ and that the kernel reads from device memory as its Philox key. Why this way:
     counter (see kernels/reverse_step.py), so z is independent across elements and calls up to
     the quality of Philox4x32-10, a counter-based generator designed for exactly this use.
     torch.compile's own generated kernels draw random numbers the same way.
-The in-kernel z is a different stream from torch.randn's, so it is tested statistically.
+The in-kernel z is a different stream from torch.randn's, so it is tested statistically. It
+follows memory order, so one seed gives different (equally valid) noise to a contiguous and a
+channels-last y_t. The cost is one 8-byte randint launch per step, which a CUDA graph absorbs.
 
 Autograd: the update is linear in y_t and eps (through the clamp's mask), so the backward is
 implemented for those two (plain torch ops, recomputing x0 for the mask; not a hot path).
