@@ -11,28 +11,32 @@ Work unit. A program owns a *group block*: GPP whole groups of one sample (GPP·
 held as a [BLOCK_C, BLOCK_S] tile of channels × spatial positions; `member` [BLOCK_C, BLOCK_G]
 maps channels to groups so group sums are two small reductions. One group per block is the rule
 for NCHW, where a group is one contiguous run. NHWC packs groups until a tile row spans ~64
-channels (128 B in bf16): a row of a single 2-channel group would use 4 bytes of each 32-byte
-sector. Tiny NCHW groups (1×1, 2×2 spatial) are packed the same way to give programs real work.
+channels (128 B in bf16), a multiple of 16 channels where possible: a row of a single 2-channel
+group would use 4 bytes of each 32-byte sector. Tiny NCHW groups (1×1, 2×2 spatial) are packed
+the same way to give programs real work. Masks are compiled in only where a tile can be ragged
+(FULL_C / FULL_S constexprs); SR3's shapes need none.
 
 Three ways to run, chosen by `plan()` from the shape and the GPU's SM count:
   tile   whole group block in registers (≤ 16K fp32, bwd 8K): grid (blocks, B).
          HBM traffic: fwd 1 read + 1 write; bwd reads x, dy once, writes dx.
-  loop   one program per group block that loops over S: a Welford/Chan pass for the moments,
-         then a normalizing pass whose re-read of the program's own data hits L2.
-         Used when groups are too large for registers but there are enough of them to fill the GPU.
+  loop   one program per group block that loops over S: a Chan-merge pass for the moments, then
+         a normalizing pass that re-reads the program's own data, from L2 while the groups of
+         the programs in flight fit there. Used when groups are too large for registers but
+         there are enough of them to fill the GPU (training batches).
   split  few, large groups (batch-1 inference): each group is cut into spatial splits so the GPU
          is full. fwd: partial moments (grid (splits, blocks, B)) → exact merge per group
          (grid (B·G)) → normalize (grid (S/BLOCK_S, blocks, B), run back to front so the tiles
          the moments pass read last are still in L2). bwd: partial sums → per-group terms →
-         dx, same shape. Traffic: x is read twice; the second read is served by the 50 MB L2 at
-         SR3 inference sizes.
+         dx, same shape. Traffic: x (and dy) are read twice; at SR3's batch-1 sizes (≤ 4 MB in
+         bf16) they fit in the 50 MB L2, so the second read need not reach HBM.
 Statistics are exact merges of per-tile (count, mean, M2) (Chan et al.), never E[x²] − E[x]².
 
-SR3 shapes on an H100 (132 SMs), as planned (NCHW | NHWC):
-  1×64×128×128,  G=32: 2-channel groups of 32K  → split 8/group, 256 programs | split (1 block of 32 groups)
-  16×512×16×16,  G=32: 16-channel groups of 4K  → tile, 512 programs         | tile, GPP=4, 128 programs
-  4×128×64×64,   G=32: 4-channel groups of 16K  → tile, 128 programs         | split, GPP=16
-  1×1024×32×32,  G=16: 64-channel groups of 64K → split 16/group, 256 programs | split
+SR3 shapes on an H100 (132 SMs), as planned (tests pin this table):
+  shape, groups          group                 NCHW                       NHWC
+  1×64×128×128,  G=32    2 channels × 16K      split, 8/group, 256 progs   split, GPP=32, 256 progs
+  16×512×16×16,  G=32    16 channels × 256     tile, 512 progs             tile, GPP=4, 128 progs
+  4×128×64×64,   G=32    4 channels × 4K       tile, 128 progs             split, GPP=16, 512 progs
+  1×1024×32×32,  G=16    64 channels × 1K      split, 16/group, 256 progs  split, 256 progs
 Autotuning (num_warps, and the streaming kernels' BLOCK_S) happens on the first call per shape:
 run one warm-up step before capturing a CUDA graph.
 
@@ -162,7 +166,8 @@ def _grad_z(xhat, dy, weight, bias, ACT: tl.constexpr):
 @triton.jit
 def _input_grad_terms(sum_dz, sum_dzx, sum_xhat, member, weight, rstd, rstd_c, CPG, S):
     """From per-channel Σ_s dz, Σ_s dz·x̂, Σ_s x̂ of one sample: the per-channel terms a, q of
-    dx = rstd·w·dz − a − q·x̂ (a = rstd·mean_g(w·dz), q = rstd·mean_g(w·dz·x̂)) and dshift = Σ_s dx."""
+    dx = rstd·w·dz − a − q·x̂, with a = rstd·mean_g(w·dz) and q = rstd·mean_g(w·dz·x̂), and
+    dshift = Σ_s dx."""
     group_size = CPG * S
     a = _per_channel(member, rstd * _per_group(member, weight * sum_dz) / group_size)
     q = _per_channel(member, rstd * _per_group(member, weight * sum_dzx) / group_size)
@@ -380,6 +385,8 @@ def _forward_normalize_kernel(
     scale = _per_channel(member, rstd) * weight
     offset = bias + (shift - _per_channel(member, mean)) * scale
     s = split * BLOCK_S + tl.arange(0, BLOCK_S)
+    # BLOCK_S is autotuned, so the spatial mask stays; with S % 16 == 0 (Triton specializes
+    # that) it is uniform over 16 lanes and the accesses still vectorize
     mask = _tile_mask(c_mask, s, S, BLOCK_C, BLOCK_S, FULL_C, False)
     offs = b.to(tl.int64) * C * S + _offsets(c, s, C, S, CHANNELS_LAST)
     x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
@@ -584,7 +591,7 @@ def _backward_input_grad_kernel(
     a = tl.load(terms_ptr + b * C + c, mask=c_mask, other=0.0)
     q = tl.load(terms_ptr + B * C + b * C + c, mask=c_mask, other=0.0)
     s = split * BLOCK_S + tl.arange(0, BLOCK_S)
-    mask = _tile_mask(c_mask, s, S, BLOCK_C, BLOCK_S, FULL_C, False)
+    mask = _tile_mask(c_mask, s, S, BLOCK_C, BLOCK_S, FULL_C, False)  # BLOCK_S is autotuned
     offs = b.to(tl.int64) * C * S + _offsets(c, s, C, S, CHANNELS_LAST)
     xhat, dz = _grad_tile(x_ptr, dy_ptr, offs, mask, rstd_c, (shift - mean_c) * rstd_c, weight,
                           bias, ACT)
@@ -632,8 +639,9 @@ class Tuning:
     nhwc_row_channels: int = 64          # NHWC: channels per tile row (a contiguous run)
     small_group: int = 1024              # NCHW: pack groups smaller than this
     min_programs: int | None = None      # fewer (group-block) programs than this → split;
-                                         # None: half the SMs (one program per SM is enough,
-                                         # each streams its group at well over its share)
+                                         # None: half the SM count. A guess that keeps one
+                                         # launch down to ~1 program per SM; bench/ should
+                                         # confirm it on the H100
 
 
 TUNING = Tuning()
@@ -655,6 +663,7 @@ class Plan:
 
 @functools.lru_cache(maxsize=None)
 def _multiprocessors(device: torch.device) -> int:
+    """SMs of the device (queried once per device, never at import)."""
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).multi_processor_count
     return 1  # the interpreter: there is no parallel machine to fill
@@ -713,14 +722,17 @@ def memory_order(x: torch.Tensor) -> tuple[torch.Tensor, bool]:
 def _in_order(t: torch.Tensor, channels_last: bool) -> torch.Tensor:
     """t in the given memory order (a copy only if it is not already)."""
     if channels_last:
-        return t if t.movedim(1, -1).is_contiguous() else t.movedim(1, -1).contiguous().movedim(-1, 1)
+        if t.movedim(1, -1).is_contiguous():
+            return t
+        return t.movedim(1, -1).contiguous().movedim(-1, 1)
     return t.contiguous()
 
 
 def _check(x: torch.Tensor, num_groups: int) -> tuple[int, int, int]:
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
         raise TypeError(f"groupnorm_silu: the Triton kernels take float32, float16 or bfloat16 "
-                        f"x, got {x.dtype}; convert x first")
+                        f"x (float64 is computed in float32, as the reference does), got "
+                        f"{x.dtype}; convert x first")
     # Concrete ints: the plan (strategy, tile, constexprs) is per shape, so under torch.compile
     # with dynamic shapes this specializes on the sizes instead of passing SymInt constexprs.
     batch, channels = int(x.shape[0]), int(x.shape[1])
@@ -776,7 +788,8 @@ def forward(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None,
 
     if p.strategy != "split":
         wrap_triton(_forward_group_kernel)[(p.num_blocks, batch)](
-            x, shift_t, weight_t, bias_t, y, mean, rstd, channels, spatial, num_groups, cpg, cpb, eps,
+            x, shift_t, weight_t, bias_t, y, mean, rstd, channels, spatial, num_groups, cpg, cpb,
+            eps,
             BLOCK_S=p.block_s, ONE_TILE=p.strategy == "tile", FULL_S=p.full_s, ACT=act,
             **geometry, **has)
         return y, mean, rstd

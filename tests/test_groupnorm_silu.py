@@ -257,7 +257,7 @@ def test_triton_strategy_matches_reference(monkeypatch, strategy, nhwc, act):
         plan = gn_kernels.plan(batch, chans, spatial, case.groups, nhwc, 1, backward=backward)
         assert plan.strategy == strategy, plan
         if strategy == "split":
-            assert plan.num_splits > 1 and not plan.full_s, plan  # several splits, a ragged last one
+            assert plan.num_splits > 1 and not plan.full_s, plan  # several, the last ragged
     assert_matches_reference(case, on_backend("triton"), make_inputs(case), grad_output(case),
                              label=f"{strategy} ")
 
@@ -300,6 +300,26 @@ def test_triton_only_requested_gradients(frozen):
         else:
             max_err, _ = report(name, leaf.grad, want)
             assert max_err <= atol
+
+
+@needs_triton
+def test_triton_mixed_dtypes_bf16_activations_fp32_parameters():
+    """Autocast-style calls: each input is read in its own dtype and each gradient is returned
+    in its input's dtype; the maths matches the reference on the same values up to rounding."""
+    case = CASES["nhwc_odd_5x3"]
+    x, weight, bias, shift = make_inputs(case)
+    inputs = (x.to(torch.bfloat16), weight, bias, shift)
+    dy = grad_output(case, torch.bfloat16)
+    y, grads = run(on_backend("triton"), case, inputs, dy)
+    inputs32 = [t.float() for t in inputs]
+    y_ref, grads_ref = run(reference.groupnorm_silu, case, inputs32, dy.float())
+    sources = (inputs[0], *inputs)  # y and dx take x's dtype
+    for name, got, want, source, atol in zip(NAMES, [y, *grads], [y_ref, *grads_ref], sources,
+                                             fp32_tolerances(case, inputs32, dy.float())):
+        assert got.dtype == source.dtype, name
+        floor = rounding_floor(want, got.dtype, "triton")
+        max_err, _ = report(name, got, want)
+        assert max_err <= atol + floor, f"{name}: {max_err:.3e} > {atol:.3e} + {floor:.3e}"
 
 
 @needs_triton

@@ -77,5 +77,6 @@ _forward.register_autograd(_backward, setup_context=_setup_context)
 def groupnorm_silu(x: Tensor, num_groups: int, weight: Tensor | None = None,
                    bias: Tensor | None = None, eps: float = 1e-5,
                    shift: Tensor | None = None, act: bool = True) -> Tensor:
-    """SiLU(GroupNorm(x + shift)) through the Triton kernels; see sr3fast.reference.groupnorm_silu."""
+    """SiLU(GroupNorm(x + shift)) through the Triton kernels; the contract and maths are
+    sr3fast.reference.groupnorm_silu's."""
     return _forward(x, num_groups, weight, bias, eps, shift, act)[0]
