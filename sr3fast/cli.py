@@ -120,6 +120,11 @@ def build_parser() -> argparse.ArgumentParser:
     which = commands.add_parser("backends", help="which backend runs each op, and why")
     which.add_argument("--device", default="cpu")
     which.set_defaults(run=cmd_backends)
+
+    from .train.cli import EPILOG, add_arguments, run as cmd_train
+    training = commands.add_parser("train", help="train an SR3 model on a folder of images", epilog=EPILOG,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_arguments(training).set_defaults(run=cmd_train)
     return parser
 
 

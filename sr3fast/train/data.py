@@ -29,8 +29,8 @@ from PIL import Image, ImageOps
 
 from ..images import IMAGE_SUFFIXES
 
-# Decode every image once up front when they fit in this much memory (uint8 RGB).
-PRELOAD_LIMIT_BYTES = 2 * 1024 ** 3
+# Decode every image once up front when they fit in this much memory (uint8 RGB, per process).
+PRELOAD_LIMIT_BYTES = 1024 ** 3
 
 
 class DataError(ValueError):
