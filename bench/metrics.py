@@ -16,7 +16,7 @@ def add_rates(row: Row, peak: Peak | None, dtype: torch.dtype, tf32: bool, prima
     seconds = row.median_ms / 1e3
     if row.flops:
         row.tflops = row.flops / seconds / 1e12
-    if row.bytes:
+    if row.bytes and primary == "bytes":  # a model row's floor bytes are no achieved bandwidth
         row.gbps = row.bytes / seconds / 1e9
     if peak is None:
         return

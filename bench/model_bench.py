@@ -21,6 +21,7 @@ import gc
 import time
 import traceback
 from dataclasses import dataclass
+from functools import partial
 from types import SimpleNamespace
 from typing import Callable
 
@@ -29,7 +30,7 @@ import torch
 import sr3fast
 from sr3fast import backends
 
-from . import counting
+from . import counting, hardware, metrics, report
 from .availability import backend_unavailable
 from .memory import peak_memory
 from .records import Row
@@ -51,13 +52,13 @@ class Implementation:
     key: str
     label: str
     backend: str                 # sr3fast backend selected while the row runs
-    gpu_dtype: torch.dtype       # CPU rows are float32
+    gpu_dtype: torch.dtype       # CPU rows are float32 (GPU-only rows keep theirs to say what they are)
     compile_mode: str | None = None   # None: eager; "auto": the run's --compile-mode
     cuda_graph: bool = False
     cuda_only: bool = False
 
     def dtype(self, device: torch.device) -> torch.dtype:
-        return self.gpu_dtype if device.type == "cuda" else torch.float32
+        return self.gpu_dtype if device.type == "cuda" or self.cuda_only else torch.float32
 
 
 IMPLEMENTATIONS = (
@@ -83,7 +84,44 @@ class ModelSettings:
     steps: int                   # sampling steps for images/s
     measure_sampling: bool
     skip_compiled: str | None = None   # reason to leave compiled rows out (--quick)
+    cpu_defaults: bool = False         # leave out configurations too big for a CPU, saying so
     sampler: str = "posterior"
+
+
+def run_config(config: str, batches: list[int], implementations: list[Implementation], cpp_loop: bool,
+               settings: ModelSettings, progress: Callable[[str], None] = lambda message: None
+               ) -> tuple[str, list[Row]]:
+    """(a one-line description of `config`, its rows: every batch x implementation), with
+    rates, % of peak and roofline, images/s and speed-ups over reference eager filled in."""
+    from sr3fast.model import presets
+    device = settings.device
+    spec = presets()[config]
+    meta = meta_model(config)
+    per_image = counting.count_step(meta, 1, spec.high_res)
+    parameters = sum(p.numel() for p in meta.parameters())
+    description = (f"{spec.low_res}->{spec.high_res}, {parameters / 1e6:.1f} M parameters, "
+                   f"{report.quantity(per_image.flops / 1e9)} GFLOP per image per step")
+    excluded = cpu_default_excludes(config, per_image) if settings.cpu_defaults else None
+    if excluded:
+        return description, [Row("model", config, "*", "all", "-").skip(excluded)]
+
+    peak, tf32 = hardware.peak_for(device), hardware.tf32_enabled()
+    models = ModelCache(config, device)
+    rows = []
+    for batch in batches:
+        counts = counting.count_step(meta, batch, spec.high_res)
+        for impl in implementations:
+            progress(f"{config} batch {batch} {impl.key}")
+            row = run_row(config, batch, impl, models, counts, settings)
+            metrics.add_rates(row, peak, impl.dtype(device), tf32, "flops")
+            metrics.add_derived_sampling(row, settings.steps)
+            rows.append(row)
+        if cpp_loop:
+            rows.append(Row("model", config, f"batch {batch}", "C++ loop", "-", batch=batch)
+                        .skip(cpp_loop_unavailable()))
+    models.clear()
+    metrics.add_speedups(rows, BASELINE)
+    return description, rows
 
 
 def default_batches(device: torch.device) -> tuple[int, ...]:
@@ -180,7 +218,7 @@ def run_row(config: str, batch: int, impl: Implementation, models: ModelCache,
                 predict_noise, row.compile_s, compile_notes = _compiled(predict_noise, (x, y_t, gamma), mode,
                                                                        device)
                 notes += compile_notes
-            step = _bind(predict_noise, x, y_t, gamma)
+            step = partial(predict_noise, x, y_t, gamma)
             if impl.cuda_graph:
                 start = time.perf_counter()
                 step = _cuda_graph(step, device)
@@ -264,10 +302,6 @@ def _measure_sampling(row: Row, model, predict_noise: Callable, x: torch.Tensor,
     row.images_per_s = row.batch / (timing.median_ms / 1e3)
     row.images_per_s_source = "measured"
     row.extra["sampling"] = {"sampler": settings.sampler, **timing.summary()}
-
-
-def _bind(fn: Callable, *args) -> Callable[[], object]:
-    return lambda: fn(*args)
 
 
 def dtype_name(dtype: torch.dtype) -> str:

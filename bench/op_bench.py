@@ -3,17 +3,33 @@ from __future__ import annotations
 
 import traceback
 from contextlib import nullcontext
+from typing import Callable
 
 import torch
 
 import sr3fast
 
-from .op_cases import OpCase, make_callable, provider_unavailable
+from . import hardware, metrics
+from .op_cases import OpCase, make_callable, provider_unavailable, providers
 from .records import Row
 from .timing import Budget, measure, time_first_call
 
 BASELINE = "torch"
 
+
+def run_op(cases: list[OpCase], device: torch.device, budget: Budget, compile_mode: str,
+           progress: Callable[[str], None] = lambda message: None) -> list[Row]:
+    """Every provider on every case of one op, with rates, % of peak and speed-ups over torch."""
+    peak, tf32 = hardware.peak_for(device), hardware.tf32_enabled()
+    rows = []
+    for case in cases:
+        for provider in providers():
+            progress(f"{case.op} {case.label} {provider}")
+            row = run_case(case, provider, device, budget, compile_mode)
+            metrics.add_rates(row, peak, case.dtype(device), tf32, case.primary)
+            rows.append(row)
+    metrics.add_speedups(rows, BASELINE)
+    return rows
 
 def run_case(case: OpCase, provider: str, device: torch.device, budget: Budget, compile_mode: str) -> Row:
     """Measure `provider` on `case`; a skipped or failed Row says why.

@@ -67,10 +67,29 @@ class Row:
         return self
 
 
-def write_json(path: Path, environment: dict, settings: dict, rows: list[Row]) -> None:
-    """Every row of a run, with its environment and settings; written atomically."""
-    document = {"schema": SCHEMA, "environment": environment, "settings": settings,
-                "rows": [asdict(row) for row in rows]}
+def write_json(path: Path, environment: dict, settings: dict, rows: list[Row], merge: bool = False) -> None:
+    """Write the run to `path` atomically: {"schema", "runs": [{environment, settings}], "rows"},
+    each row naming its run by index.
+
+    merge=True keeps the rows of earlier runs already in `path` except those this run measured
+    again (same kind, subject, case, implementation, dtype), so a run split into several
+    commands (one configuration each, say) ends in one file."""
+    runs, kept = [], []
+    if merge and path.exists():
+        earlier = json.loads(path.read_text())
+        if earlier.get("schema") != SCHEMA:
+            raise ValueError(f"{path} holds results of schema {earlier.get('schema')!r}, not {SCHEMA}; "
+                             "move it away or save elsewhere")
+        runs = earlier["runs"]
+        measured = {_key(row) for row in map(asdict, rows)}
+        kept = [row for row in earlier["rows"] if _key(row) not in measured]
+    runs.append({"environment": environment, "settings": settings})
+    document = {"schema": SCHEMA, "runs": runs,
+                "rows": kept + [{**asdict(row), "run": len(runs) - 1} for row in rows]}
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(document, indent=1, default=str) + "\n")
+
+
+def _key(row: dict) -> tuple:
+    return row["kind"], row["subject"], row["case"], row["implementation"], row["dtype"]

@@ -9,8 +9,11 @@ DASH = "–"
 def model_table(config: str, description: str, rows: list[Row]) -> str:
     headers = ["batch", "implementation", "dtype", "ms/step", "[IQR]", "img/s", "peak mem",
                "TFLOP/s", "% peak", "% roofline", "speed-up", "compile s", "note"]
+    if all(row.case == "*" for row in rows):  # the whole configuration was left out
+        return "\n".join([f"{config}: {description}", *(f"  {_status(row)}" for row in rows)])
+    shown, footnotes = _collapse_skips(rows)
     body = []
-    for row in rows:
+    for row in shown:
         lead = [str(row.batch if row.batch is not None else "*"), row.implementation, row.dtype]
         if row.status != OK:
             body.append(lead + [_status(row)])
@@ -19,13 +22,14 @@ def model_table(config: str, description: str, rows: list[Row]) -> str:
             _ms(row.median_ms), _iqr(row), _images(row), _bytes(row.peak_memory_bytes),
             _sig(row.tflops), _pct(row.percent_of_peak), _pct(row.percent_of_roofline),
             _speedup(row.speedup), _num(row.compile_s, 1), row.note or ""])
-    return f"{config}: {description}\n" + _table(headers, body)
+    return "\n".join([f"{config}: {description}", _table(headers, body), *footnotes])
 
 
 def op_table(op: str, unit: str, note: str | None, rows: list[Row]) -> str:
     headers = ["shape", "provider", "dtype", "µs", "[IQR]", unit, "% peak", "speed-up", "compile s", "note"]
+    shown, footnotes = _collapse_skips(rows)
     body = []
-    for row in rows:
+    for row in shown:
         lead = [row.case, row.implementation, row.dtype]
         if row.status != OK:
             body.append(lead + [_status(row)])
@@ -35,7 +39,22 @@ def op_table(op: str, unit: str, note: str | None, rows: list[Row]) -> str:
             _ms(row.median_ms * 1e3), _iqr(row, scale=1e3), _sig(rate),
             _pct(row.percent_of_peak), _speedup(row.speedup), _num(row.compile_s, 1), row.note or ""])
     title = f"{op} ({unit}{'; ' + note if note else ''})"
-    return f"{title}\n" + _table(headers, body)
+    return "\n".join([title, _table(headers, body), *footnotes])
+
+
+def _collapse_skips(rows: list[Row]) -> tuple[list[Row], list[str]]:
+    """An implementation skipped for the same reason in every case of the table becomes one
+    line under it instead of a row per case; the JSON keeps every row."""
+    cases = {row.case for row in rows}
+    reasons: dict[tuple, set] = {}
+    for row in rows:
+        if row.status == SKIPPED:
+            reasons.setdefault((row.implementation, row.dtype, row.reason), set()).add(row.case)
+    collapsed = [key for key, seen in reasons.items() if seen == cases and len(cases) > 1]  # dicts keep order
+    shown = [row for row in rows
+             if row.status != SKIPPED or (row.implementation, row.dtype, row.reason) not in collapsed]
+    footnotes = [f"  {impl} ({dtype}) skipped in every case: {reason}" for impl, dtype, reason in collapsed]
+    return shown, footnotes
 
 
 def _table(headers: list[str], body: list[list[str]]) -> str:
@@ -97,6 +116,11 @@ def _sig(value: float | None) -> str:
     if value >= 1000:
         return f"{value:.0f}"
     return f"{value:.3g}" if value >= 1e-4 or value == 0 else f"{value:.1e}"
+
+
+def quantity(value: float) -> str:
+    """A count for prose: '4.48', '92.4', '1,246'."""
+    return f"{value:,.0f}" if value >= 100 else f"{value:.3g}"
 
 
 def _pct(value: float | None) -> str:

@@ -24,7 +24,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 
 import torch  # noqa: E402
 
-from bench import environment, hardware, metrics, model_bench, op_bench, op_cases, report  # noqa: E402
+from bench import environment, hardware, model_bench, op_bench, op_cases, report  # noqa: E402
 from bench.records import ERROR, Row, write_json  # noqa: E402
 from bench.timing import Budget  # noqa: E402
 
@@ -51,7 +51,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="auto: cuda when a GPU is visible, else cpu")
     parser.add_argument("--config", action="append", metavar="NAME",
-                        help=f"model preset (repeat or comma-separate); default {', '.join(model_bench.DEFAULT_CONFIGS)}")
+                        help="model preset (repeat or comma-separate); default "
+                             + ", ".join(model_bench.DEFAULT_CONFIGS))
     parser.add_argument("--batch", action="append", type=int, metavar="N",
                         help="batch size (repeatable); default 1, 4, 16 on GPU and 1 on CPU")
     parser.add_argument("--steps", type=int, default=100, metavar="N",
@@ -73,7 +74,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                              "smallest shape of each op, few repeats")
     parser.add_argument("--json", type=Path, metavar="PATH", help="write every row to PATH")
     parser.add_argument("--save", action="store_true",
-                        help="write every row to bench/results/<device-slug>-<YYYY-MM-DD>.json")
+                        help="add the rows to bench/results/<device-slug>-<YYYY-MM-DD>.json, replacing "
+                             "earlier rows of the same cases")
+    parser.add_argument("--results-dir", type=Path, default=RESULTS, metavar="DIR",
+                        help="where --save writes (default bench/results)")
     parser.add_argument("--list", action="store_true", help="list presets and implementations, then exit")
     args = parser.parse_args(argv)
 
@@ -107,77 +111,35 @@ def progress(message: str) -> None:
     print(f"[bench] {message}", file=sys.stderr, flush=True)
 
 
-def run_ops(device: torch.device, quick: bool, budget: Budget, compile_mode: str, peak) -> list[Row]:
+def run_ops(device: torch.device, quick: bool, budget: Budget, compile_mode: str) -> list[Row]:
     rows = []
     cases = op_cases.QUICK_CASES if quick else op_cases.CASES
-    tf32 = hardware.tf32_enabled()
     for op in dict.fromkeys(case.op for case in cases):
-        op_rows = []
-        for case in (c for c in cases if c.op == op):
-            for provider in op_cases.providers():
-                progress(f"{op} {case.label} {provider}")
-                row = op_bench.run_case(case, provider, device, budget, compile_mode)
-                metrics.add_rates(row, peak, case.dtype(device), tf32, case.primary)
-                op_rows.append(row)
-        metrics.add_speedups(op_rows, op_bench.BASELINE)
-        unit = next(c.unit for c in cases if c.op == op)
-        print(report.op_table(op, unit, op_cases.NOTES.get(op), op_rows) + "\n", flush=True)
+        op_cases_of = [case for case in cases if case.op == op]
+        op_rows = op_bench.run_op(op_cases_of, device, budget, compile_mode, progress)
+        print(report.op_table(op, op_cases_of[0].unit, op_cases.NOTES.get(op), op_rows) + "\n", flush=True)
         rows += op_rows
     return rows
 
 
-def run_models(args, device: torch.device, budget: Budget, compile_mode: str, peak) -> list[Row]:
-    from sr3fast.model import presets
-    from bench import counting
-
-    explicit = bool(args.config)
+def run_models(args, device: torch.device, budget: Budget, compile_mode: str) -> list[Row]:
     configs = args.config or list(model_bench.QUICK_CONFIGS if args.quick else model_bench.DEFAULT_CONFIGS)
     if args.batch:
         batches = args.batch
     else:
         batches = [1] if args.quick else list(model_bench.default_batches(device))
-    implementations = [impl for impl in model_bench.IMPLEMENTATIONS if impl.key in args.impl]
     settings = model_bench.ModelSettings(
         device, budget, compile_mode, args.steps, args.measure_sampling,
-        skip_compiled="left out by --quick: compiling a U-Net takes minutes on a CPU" if args.quick else None)
-    tf32 = hardware.tf32_enabled()
+        skip_compiled="left out by --quick: compiling a U-Net takes minutes" if args.quick else None,
+        cpu_defaults=device.type == "cpu" and not args.config)
+    implementations = [impl for impl in model_bench.IMPLEMENTATIONS if impl.key in args.impl]
     rows = []
     for config in configs:
-        meta = model_bench.meta_model(config)
-        spec = presets()[config]
-        size = spec.unet.image_size
-        per_image = counting.count_step(meta, 1, size)
-        parameters = sum(p.numel() for p in meta.parameters())
-        description = (f"{spec.low_res}->{spec.high_res}, {parameters / 1e6:.1f} M parameters, "
-                       f"{per_image.flops / 1e9:.3g} GFLOP per image per step")
-        config_rows = []
-        excluded = None if explicit or device.type == "cuda" else model_bench.cpu_default_excludes(config, per_image)
-        if excluded:
-            config_rows.append(Row("model", config, "*", "all", "-").skip(excluded))
-            print(report.model_table(config, description, config_rows) + "\n", flush=True)
-            rows += config_rows
-            continue
-        models = model_bench.ModelCache(config, device)
-        for batch in batches:
-            counts = counting.count_step(meta, batch, size)
-            for impl in implementations:
-                progress(f"{config} batch {batch} {impl.key}")
-                row = model_bench.run_row(config, batch, impl, models, counts, settings)
-                metrics.add_rates(row, peak, _dtype(row.dtype), tf32, "flops")
-                metrics.add_derived_sampling(row, args.steps)
-                config_rows.append(row)
-            if model_bench.CPP_LOOP in args.impl:
-                config_rows.append(Row("model", config, f"batch {batch}", "C++ loop", "-", batch=batch)
-                                   .skip(model_bench.cpp_loop_unavailable()))
-        models.clear()
-        metrics.add_speedups(config_rows, model_bench.BASELINE)
+        description, config_rows = model_bench.run_config(
+            config, batches, implementations, model_bench.CPP_LOOP in args.impl, settings, progress)
         print(report.model_table(config, description, config_rows) + "\n", flush=True)
         rows += config_rows
     return rows
-
-
-def _dtype(name: str) -> torch.dtype:
-    return getattr(torch, name, torch.float32)
 
 
 def main(argv=None) -> int:
@@ -196,7 +158,6 @@ def main(argv=None) -> int:
     model_budget, op_budget = budgets(device, args.quick, args.repeats)
 
     info = environment.collect(device)
-    peak = hardware.peak_for(device)
     if device.type == "cuda" and not args.quick:
         progress("measuring copy bandwidth and bf16 GEMM rate")
         info["ceilings"] = hardware.measure_ceilings(device)
@@ -207,9 +168,9 @@ def main(argv=None) -> int:
 
     rows = []
     if not args.model_only:
-        rows += run_ops(device, args.quick, op_budget, op_compile_mode, peak)
+        rows += run_ops(device, args.quick, op_budget, op_compile_mode)
     if not args.ops_only:
-        rows += run_models(args, device, model_budget, compile_mode, peak)
+        rows += run_models(args, device, model_budget, compile_mode)
 
     memory_method = next((r.memory_method for r in rows if r.memory_method), "peak memory of the measured region")
     print(report.legend(args.steps, device.type, compile_mode, memory_method))
@@ -221,12 +182,13 @@ def main(argv=None) -> int:
                 "compile_mode": compile_mode, "op_compile_mode": op_compile_mode,
                 "model_budget": asdict(model_budget), "op_budget": asdict(op_budget),
                 "elapsed_s": elapsed}
-    paths = [args.json] if args.json else []
+    if args.json:
+        write_json(args.json, info, settings, rows)
+        print(f"wrote {args.json}")
     if args.save:
-        paths.append(RESULTS / f"{environment.slug(info)}-{datetime.date.today().isoformat()}.json")
-    for path in paths:
-        write_json(path, info, settings, rows)
-        print(f"wrote {path}")
+        path = args.results_dir / f"{environment.slug(info)}-{datetime.date.today().isoformat()}.json"
+        write_json(path, info, settings, rows, merge=True)
+        print(f"saved {path} (rows of earlier runs today kept unless measured again)")
     return 1 if failures else 0
 
 
