@@ -45,6 +45,8 @@ CPU_BATCHES = (1,)
 CPU_DEFAULT_MAX_GFLOP = 200
 STEP_OPS = ("groupnorm_silu", "attention")  # the fused ops inside predict_noise
 _INDUCTOR_CUDA_GRAPH_MODES = ("reduce-overhead", "max-autotune")
+RUN_MODE = "run"                         # the run's --compile-mode
+RUN_MODE_NO_GRAPHS = "run-no-cudagraphs"  # the same without inductor's CUDA graphs (we capture one)
 
 
 @dataclass(frozen=True)
@@ -53,7 +55,7 @@ class Implementation:
     label: str
     backend: str                 # sr3fast backend selected while the row runs
     gpu_dtype: torch.dtype       # CPU rows are float32 (GPU-only rows keep theirs to say what they are)
-    compile_mode: str | None = None   # None: eager; "auto": the run's --compile-mode
+    compile_mode: str | None = None   # None: eager; RUN_MODE or RUN_MODE_NO_GRAPHS
     cuda_graph: bool = False
     cuda_only: bool = False
 
@@ -63,13 +65,13 @@ class Implementation:
 
 IMPLEMENTATIONS = (
     Implementation("reference-eager", "reference eager", "reference", torch.float32),
-    Implementation("reference-compiled", "reference compiled", "reference", torch.float32, "auto"),
-    Implementation("reference-compiled-bf16", "reference compiled", "reference", torch.bfloat16, "auto",
+    Implementation("reference-compiled", "reference compiled", "reference", torch.float32, RUN_MODE),
+    Implementation("reference-compiled-bf16", "reference compiled", "reference", torch.bfloat16, RUN_MODE,
                    cuda_only=True),
     *(Implementation(f"fused-{name}", f"fused {name}", name, torch.bfloat16)
       for name in ("triton", "cuda", "cpu")),
     Implementation("fused-compiled-graph", "fused auto + compile + graph", "auto", torch.bfloat16,
-                   "max-autotune-no-cudagraphs", cuda_graph=True, cuda_only=True),
+                   RUN_MODE_NO_GRAPHS, cuda_graph=True, cuda_only=True),
 )
 CPP_LOOP = "cpp-loop"
 KEYS = (*(impl.key for impl in IMPLEMENTATIONS), CPP_LOOP)
@@ -80,7 +82,7 @@ BASELINE = "reference eager"
 class ModelSettings:
     device: torch.device
     budget: Budget
-    compile_mode: str            # for "auto" implementations
+    compile_mode: str            # the run's torch.compile mode
     steps: int                   # sampling steps for images/s
     measure_sampling: bool
     skip_compiled: str | None = None   # reason to leave compiled rows out (--quick)
@@ -214,7 +216,9 @@ def run_row(config: str, batch: int, impl: Implementation, models: ModelCache,
             predict_noise = model.predict_noise
             notes = []
             if impl.compile_mode:
-                mode = settings.compile_mode if impl.compile_mode == "auto" else impl.compile_mode
+                mode = settings.compile_mode
+                if impl.compile_mode == RUN_MODE_NO_GRAPHS:
+                    mode = without_cuda_graphs(mode)
                 predict_noise, row.compile_s, compile_notes = _compiled(predict_noise, (x, y_t, gamma), mode,
                                                                        device)
                 notes += compile_notes
@@ -245,6 +249,11 @@ def run_row(config: str, batch: int, impl: Implementation, models: ModelCache,
         torch._dynamo.reset()
         _release(device)
     return row
+
+
+def without_cuda_graphs(mode: str) -> str:
+    """The torch.compile mode that optimises like `mode` but captures no CUDA graphs."""
+    return {"max-autotune": "max-autotune-no-cudagraphs", "reduce-overhead": "default"}.get(mode, mode)
 
 
 def _compiled(fn: Callable, args: tuple, mode: str, device: torch.device):

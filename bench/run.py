@@ -154,7 +154,7 @@ def main(argv=None) -> int:
     device = torch.device("cuda" if args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
                           else "cpu")
     compile_mode = args.compile_mode or ("max-autotune" if device.type == "cuda" else "default")
-    op_compile_mode = "max-autotune-no-cudagraphs" if compile_mode == "max-autotune" else compile_mode
+    op_compile_mode = model_bench.without_cuda_graphs(compile_mode)  # ops: device time, no graphs
     model_budget, op_budget = budgets(device, args.quick, args.repeats)
 
     info = environment.collect(device)
