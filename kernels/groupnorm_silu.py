@@ -24,19 +24,22 @@ Three ways to run, chosen by `plan()` from the shape and the GPU's SM count:
          the programs in flight fit there. Used when groups are too large for registers but
          there are enough of them to fill the GPU (training batches).
   split  few, large groups (batch-1 inference): each group is cut into spatial splits so the GPU
-         is full. fwd: partial moments (grid (splits, blocks, B)) → exact merge per group
-         (grid (B·G)) → normalize (grid (S/BLOCK_S, blocks, B), run back to front so the tiles
-         the moments pass read last are still in L2). bwd: partial sums → per-group terms →
-         dx, same shape. Traffic: x (and dy) are read twice; at SR3's batch-1 sizes (≤ 4 MB in
-         bf16) they fit in the 50 MB L2, so the second read need not reach HBM.
+         is full. fwd: partial moments (grid (splits, blocks, B)) → normalize (grid
+         (S/BLOCK_S, blocks, B), run back to front so the tiles the moments pass read last are
+         still in L2), each program merging its groups' partials itself when they are few
+         (NCHW: 8-16 per group at SR3 sizes), else after one merge kernel (grid B·G/BLOCK_R).
+         bwd: partial sums → per-group terms → dx, same shapes. Traffic: x (and dy) are read
+         twice; at SR3's batch-1 sizes (≤ 4 MB in bf16) they fit in the 50 MB L2, so the
+         second read need not reach HBM.
 Statistics are exact merges of per-tile (count, mean, M2) (Chan et al.), never E[x²] − E[x]².
 
-SR3 shapes on an H100 (132 SMs), as planned (tests pin this table):
-  shape, groups          group                 NCHW                       NHWC
-  1×64×128×128,  G=32    2 channels × 16K      split, 8/group, 256 progs   split, GPP=32, 256 progs
-  16×512×16×16,  G=32    16 channels × 256     tile, 512 progs             tile, GPP=4, 128 progs
-  4×128×64×64,   G=32    4 channels × 4K       tile, 128 progs             split, GPP=16, 512 progs
-  1×1024×32×32,  G=16    64 channels × 1K      split, 16/group, 256 progs  split, 256 progs
+SR3 shapes on an H100 (132 SMs), as planned (tests pin this table; "launches" counts kernels):
+  shape, groups         group            NCHW                          NHWC
+  1×64×128×128,  G=32   2 ch × 16K       split 8/group: 2 launches     split, GPP=32: 3 launches
+  16×512×16×16,  G=32   16 ch × 256      tile: 1 launch, 512 programs  tile, GPP=4: 128 programs
+  4×128×64×64,   G=32   4 ch × 4K        tile: 1 launch, 128 programs  split, GPP=16: 3 launches
+  1×1024×32×32,  G=16   64 ch × 1K       split 16/group: 2 launches    split 16/group: 2 launches
+  (every split above runs 256-512 programs per pass)
 Autotuning (num_warps, and the streaming kernels' BLOCK_S) happens on the first call per shape:
 run one warm-up step before capturing a CUDA graph.
 
@@ -324,55 +327,71 @@ def _forward_partial_moments_kernel(
 
 
 @triton.jit
+def _merge_splits(moments_ptr, rows, row_mask, ROWS, NUM_SPLITS, eps,
+                  BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr):
+    """mean, rstd [BLOCK_R] of the groups `rows` (indices into B·G) from their NUM_SPLITS
+    partial (count, mean, M2) in moments_ptr (3, ROWS, NUM_SPLITS): exact, in two sweeps — the
+    count-weighted mean first, then Σ M2_i + n_i·(mean_i − mean)²."""
+    plane = ROWS * NUM_SPLITS
+    n = tl.zeros([BLOCK_R, BLOCK_P], tl.float32)
+    total = tl.zeros([BLOCK_R, BLOCK_P], tl.float32)
+    for p0 in range(0, NUM_SPLITS, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        mask = row_mask[:, None] & (p < NUM_SPLITS)[None, :]
+        at = rows[:, None] * NUM_SPLITS + p[None, :]
+        n_i = tl.load(moments_ptr + at, mask=mask, other=0.0)
+        n += n_i
+        total += n_i * tl.load(moments_ptr + plane + at, mask=mask, other=0.0)
+    count = tl.maximum(tl.sum(n, axis=1), 1.0)
+    mean = tl.sum(total, axis=1) / count
+    m2 = tl.zeros([BLOCK_R, BLOCK_P], tl.float32)
+    for p0 in range(0, NUM_SPLITS, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        mask = row_mask[:, None] & (p < NUM_SPLITS)[None, :]
+        at = rows[:, None] * NUM_SPLITS + p[None, :]
+        delta = tl.load(moments_ptr + plane + at, mask=mask, other=0.0) - mean[:, None]
+        m2 += (tl.load(moments_ptr + 2 * plane + at, mask=mask, other=0.0)
+               + tl.load(moments_ptr + at, mask=mask, other=0.0) * delta * delta)
+    return mean, tl.rsqrt(tl.sum(m2, axis=1) / count + eps)
+
+
+@triton.jit
 def _forward_merge_moments_kernel(
     moments_ptr,  # (3, B·G, NUM_SPLITS) fp32: count, mean, M2 per split
     mean_ptr,     # (B·G,) fp32 output
     rstd_ptr,     # (B·G,) fp32 output
     ROWS, NUM_SPLITS, eps,
-    BLOCK_P: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_P: tl.constexpr,
 ):
-    """Grid (B·G,): the exact moments of one group from its splits, in two sweeps — the
-    count-weighted mean first, then Σ M2_i + n_i·(mean_i − mean)²."""
-    row = tl.program_id(0)
-    counts = moments_ptr + row * NUM_SPLITS
-    means = counts + ROWS * NUM_SPLITS
-    m2s = means + ROWS * NUM_SPLITS
-    n = tl.zeros([BLOCK_P], tl.float32)
-    total = tl.zeros([BLOCK_P], tl.float32)
-    for p0 in range(0, NUM_SPLITS, BLOCK_P):
-        p = p0 + tl.arange(0, BLOCK_P)
-        n_i = tl.load(counts + p, mask=p < NUM_SPLITS, other=0.0)
-        n += n_i
-        total += n_i * tl.load(means + p, mask=p < NUM_SPLITS, other=0.0)
-    count = tl.sum(n, axis=0)
-    mean = tl.sum(total, axis=0) / count
-    m2 = tl.zeros([BLOCK_P], tl.float32)
-    for p0 in range(0, NUM_SPLITS, BLOCK_P):
-        p = p0 + tl.arange(0, BLOCK_P)
-        n_i = tl.load(counts + p, mask=p < NUM_SPLITS, other=0.0)
-        delta = tl.load(means + p, mask=p < NUM_SPLITS, other=0.0) - mean
-        m2 += tl.load(m2s + p, mask=p < NUM_SPLITS, other=0.0) + n_i * delta * delta
-    tl.store(mean_ptr + row, mean)
-    tl.store(rstd_ptr + row, tl.rsqrt(tl.sum(m2, axis=0) / count + eps))
+    """Grid (cdiv(B·G, BLOCK_R),): the moments of BLOCK_R groups per program."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    mean, rstd = _merge_splits(moments_ptr, rows, rows < ROWS, ROWS, NUM_SPLITS, eps,
+                               BLOCK_R, BLOCK_P)
+    tl.store(mean_ptr + rows, mean, mask=rows < ROWS)
+    tl.store(rstd_ptr + rows, rstd, mask=rows < ROWS)
 
 
 @triton.autotune(**_STREAM)
 @triton.jit
 def _forward_normalize_kernel(
-    x_ptr,       # (B, C, S) input, NCHW or NHWC order
-    shift_ptr,   # (B, C) contiguous; read iff HAS_SHIFT
-    weight_ptr,  # (C,); read iff HAS_WEIGHT
-    bias_ptr,    # (C,); read iff HAS_BIAS
-    mean_ptr,    # (B, G) fp32
-    rstd_ptr,    # (B, G) fp32
-    y_ptr,       # (B, C, S) output, same order and dtype as x
-    C, S, G, CPG, CPB,
+    x_ptr,        # (B, C, S) input, NCHW or NHWC order
+    shift_ptr,    # (B, C) contiguous; read iff HAS_SHIFT
+    weight_ptr,   # (C,); read iff HAS_WEIGHT
+    bias_ptr,     # (C,); read iff HAS_BIAS
+    moments_ptr,  # (3, B, G, NUM_SPLITS) fp32 partial moments; read iff MERGE
+    mean_ptr,     # (B, G) fp32: read, or written by the split-0 programs iff MERGE
+    rstd_ptr,     # (B, G) fp32: likewise
+    y_ptr,        # (B, C, S) output, same order and dtype as x
+    B, C, S, G, CPG, CPB, NUM_SPLITS, eps,
     GPP: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_S: tl.constexpr,
-    FULL_C: tl.constexpr, CHANNELS_LAST: tl.constexpr, HAS_SHIFT: tl.constexpr,
-    HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
+    BLOCK_P: tl.constexpr, MERGE: tl.constexpr, FULL_C: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr, HAS_SHIFT: tl.constexpr, HAS_WEIGHT: tl.constexpr,
+    HAS_BIAS: tl.constexpr, ACT: tl.constexpr,
 ):
     """Grid (cdiv(S, BLOCK_S), group blocks, B), visited back to front: the moments pass read
-    the tensor front to back, so its last tiles are the likeliest still in L2."""
+    the tensor front to back, so its last tiles are the likeliest still in L2. MERGE: each
+    program merges its groups' few partial moments itself (GPP·NUM_SPLITS triples, a few
+    hundred bytes from L2), which saves the merge kernel's launch."""
     split = tl.num_programs(0) - 1 - tl.program_id(0)
     gblk = tl.num_programs(1) - 1 - tl.program_id(1)
     b = tl.num_programs(2) - 1 - tl.program_id(2)
@@ -380,8 +399,15 @@ def _forward_normalize_kernel(
     shift = _channel_vector(shift_ptr, b * C + c, c_mask, HAS_SHIFT, 0.0, BLOCK_C)
     weight = _channel_vector(weight_ptr, c, c_mask, HAS_WEIGHT, 1.0, BLOCK_C)
     bias = _channel_vector(bias_ptr, c, c_mask, HAS_BIAS, 0.0, BLOCK_C)
-    mean = tl.load(mean_ptr + b * G + g, mask=g_mask, other=0.0)
-    rstd = tl.load(rstd_ptr + b * G + g, mask=g_mask, other=0.0)
+    if MERGE:
+        mean, rstd = _merge_splits(moments_ptr, b * G + g, g_mask, B * G, NUM_SPLITS, eps,
+                                   BLOCK_G, BLOCK_P)
+        if split == 0:  # one program per group block records the statistics for backward
+            tl.store(mean_ptr + b * G + g, mean, mask=g_mask)
+            tl.store(rstd_ptr + b * G + g, rstd, mask=g_mask)
+    else:
+        mean = tl.load(mean_ptr + b * G + g, mask=g_mask, other=0.0)
+        rstd = tl.load(rstd_ptr + b * G + g, mask=g_mask, other=0.0)
     scale = _per_channel(member, rstd) * weight
     offset = bias + (shift - _per_channel(member, mean)) * scale
     s = split * BLOCK_S + tl.arange(0, BLOCK_S)
@@ -638,6 +664,9 @@ class Tuning:
     split_tile: int = 4096               # elements per program when groups are split
     nhwc_row_channels: int = 64          # NHWC: channels per tile row (a contiguous run)
     small_group: int = 1024              # NCHW: pack groups smaller than this
+    inline_merge: int = 64               # split fwd: normalizing programs merge their groups'
+                                         # partial moments themselves when a block has at most
+                                         # this many (groups × splits); else a merge kernel
     min_programs: int | None = None      # fewer (group-block) programs than this → split;
                                          # None: half the SM count. A guess that keeps one
                                          # launch down to ~1 program per SM; bench/ should
@@ -657,6 +686,7 @@ class Plan:
     block_g: int
     block_s: int            # tile width; for 'split', the width of one split
     num_splits: int         # spatial splits per group block ('split' only, else 1)
+    inline_merge: bool      # 'split' fwd: no separate merge kernel (see Tuning.inline_merge)
     full_c: bool            # every group block fills BLOCK_C (no channel mask)
     full_s: bool            # BLOCK_S divides S (no spatial mask)
 
@@ -705,8 +735,8 @@ def plan(batch: int, channels: int, spatial: int, groups: int, channels_last: bo
         strategy, block_s, num_splits = "tile", width, 1
     else:
         strategy, block_s, num_splits = "loop", tile_width(t.loop_tile), 1
-    return Plan(strategy, gpp, num_blocks, block_c, block_g, block_s, num_splits, full_c,
-                spatial % block_s == 0)
+    return Plan(strategy, gpp, num_blocks, block_c, block_g, block_s, num_splits,
+                gpp * num_splits <= t.inline_merge, full_c, spatial % block_s == 0)
 
 
 def memory_order(x: torch.Tensor) -> tuple[torch.Tensor, bool]:
@@ -760,11 +790,13 @@ def backward_outputs(x, weight, bias, shift, shift_grad: bool, affine_grad: bool
             torch.empty_like(shift) if shift_grad and shift is not None else None)
 
 
-def _flags(shift, weight, bias, x):
-    """Tensors to pass for optional inputs (x as a never-read placeholder) and HAS_ flags."""
-    return (shift.contiguous() if shift is not None else x,
-            weight.contiguous() if weight is not None else x,
-            bias.contiguous() if bias is not None else x,
+def _optional_inputs(shift, weight, bias):
+    """shift, weight, bias as the kernels read them (contiguous, or None when absent) and the
+    HAS_ flags. Every use of an optional pointer sits behind its constexpr flag, so a None
+    (which torch.compile may type as *i8) is never dereferenced."""
+    return (shift.contiguous() if shift is not None else None,
+            weight.contiguous() if weight is not None else None,
+            bias.contiguous() if bias is not None else None,
             dict(HAS_SHIFT=shift is not None, HAS_WEIGHT=weight is not None,
                  HAS_BIAS=bias is not None))
 
@@ -780,7 +812,7 @@ def forward(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None,
         return y, mean.fill_(float("nan")), rstd.fill_(float("nan"))
     p = plan(batch, channels, spatial, num_groups, channels_last, _multiprocessors(x.device),
              tuning=tuning)
-    shift_t, weight_t, bias_t, has = _flags(shift, weight, bias, x)
+    shift_t, weight_t, bias_t, has = _optional_inputs(shift, weight, bias)
     geometry = dict(GPP=p.groups_per_block, BLOCK_C=p.block_c, BLOCK_G=p.block_g,
                     FULL_C=p.full_c, CHANNELS_LAST=channels_last)
     cpg = channels // num_groups
@@ -800,15 +832,22 @@ def forward(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None,
         x, shift_t, moments, batch, channels, spatial, num_groups, cpg, cpb, p.num_splits,
         BLOCK_S=p.block_s, FULL_S=p.full_s, HAS_SHIFT=has["HAS_SHIFT"],
         **geometry)
-    wrap_triton(_forward_merge_moments_kernel)[(batch * num_groups,)](
-        moments, mean, rstd, batch * num_groups, p.num_splits, eps,
-        BLOCK_P=min(1024, triton.next_power_of_2(p.num_splits)))
+    # Few partials per group block (NCHW: one group × a few splits): every normalizing
+    # program merges them itself. Many (NHWC blocks of 32 groups × 256 splits): merge once.
+    block_p = min(triton.next_power_of_2(p.num_splits), 1024)
+    if not p.inline_merge:
+        block_r = max(1, min(triton.next_power_of_2(batch * num_groups), 1024 // block_p))
+        wrap_triton(_forward_merge_moments_kernel)[(triton.cdiv(batch * num_groups, block_r),)](
+            moments, mean, rstd, batch * num_groups, p.num_splits, eps,
+            BLOCK_R=block_r, BLOCK_P=block_p)
 
     def grid(meta):
         return (triton.cdiv(spatial, meta["BLOCK_S"]), p.num_blocks, batch)
     wrap_triton(_forward_normalize_kernel)[grid](
-        x, shift_t, weight_t, bias_t, mean, rstd, y, channels, spatial, num_groups, cpg, cpb,
-        ACT=act, **geometry, **has)
+        x, shift_t, weight_t, bias_t, moments, mean, rstd, y,
+        batch, channels, spatial, num_groups, cpg, cpb, p.num_splits, eps,
+        BLOCK_P=min(block_p, max(1, 256 // p.block_g)), MERGE=p.inline_merge, ACT=act,
+        **geometry, **has)
     return y, mean, rstd
 
 
@@ -831,20 +870,18 @@ def backward(dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rstd: torch.
         return dx, dweight, dbias, dshift
     p = plan(batch, channels, spatial, num_groups, channels_last, _multiprocessors(x.device),
              backward=True, tuning=tuning)
-    shift_t, weight_t, bias_t, has = _flags(shift, weight, bias, x)
+    shift_t, weight_t, bias_t, has = _optional_inputs(shift, weight, bias)
     geometry = dict(GPP=p.groups_per_block, BLOCK_C=p.block_c, BLOCK_G=p.block_g,
                     FULL_C=p.full_c, CHANNELS_LAST=channels_last)
     cpg = channels // num_groups
     cpb = cpg * p.groups_per_block
-    dshift_t = dshift if shift_grad else x
-
     # per-(sample, channel) Σ_s dz, Σ_s dz·x̂: the input of the dweight/dbias reduction
     totals = (torch.empty(batch, 2, channels, device=x.device, dtype=torch.float32)
-              if affine_grad or p.strategy == "split" else x)
+              if affine_grad or p.strategy == "split" else None)
 
     if p.strategy != "split":
         wrap_triton(_backward_group_kernel)[(p.num_blocks, batch)](
-            x, dy, shift_t, weight_t, bias_t, mean, rstd, dx, dshift_t, totals,
+            x, dy, shift_t, weight_t, bias_t, mean, rstd, dx, dshift, totals,
             channels, spatial, num_groups, cpg, cpb,
             BLOCK_S=p.block_s, ONE_TILE=p.strategy == "tile", FULL_S=p.full_s, ACT=act,
             SHIFT_GRAD=shift_grad, AFFINE_GRAD=affine_grad, **geometry, **has)
@@ -858,7 +895,7 @@ def backward(dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rstd: torch.
         terms = torch.empty(2, batch, channels, device=x.device, dtype=torch.float32)
         group_c = triton.next_power_of_2(cpg)
         wrap_triton(_backward_group_terms_kernel)[(num_groups, batch)](
-            sums, weight_t, rstd, terms, totals, dshift_t,
+            sums, weight_t, rstd, terms, totals, dshift,
             batch, channels, num_groups, cpg, spatial, p.num_splits, BLOCK_C=group_c,
             BLOCK_P=max(1, min(triton.next_power_of_2(p.num_splits), 4096 // group_c)),
             HAS_WEIGHT=has["HAS_WEIGHT"], SHIFT_GRAD=shift_grad)
@@ -872,7 +909,7 @@ def backward(dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rstd: torch.
     if affine_grad:
         block_c = min(128, triton.next_power_of_2(channels))
         wrap_triton(_affine_grad_kernel)[(triton.cdiv(channels, block_c),)](
-            totals, dweight if weight_grad else x, dbias if bias_grad else x, batch, channels,
+            totals, dweight, dbias, batch, channels,
             BLOCK_B=min(32, triton.next_power_of_2(batch)), BLOCK_C=block_c,
             WEIGHT_GRAD=weight_grad, BIAS_GRAD=bias_grad)
     return dx, dweight, dbias, dshift

@@ -233,12 +233,14 @@ def test_low_precision_within_torch_baseline(backend, dtype, case):
 # The Triton op's strategies, forced onto small shapes
 # ---------------------------------------------------------------------------------------------
 
-# thresholds that send a few-hundred-element group down each path
+# thresholds that send a few-hundred-element group down each path: name -> (tuning, strategy)
 TUNINGS = {
-    "tile": gn_kernels.Tuning(min_programs=1),
-    "loop": gn_kernels.Tuning(register_tile=32, register_tile_backward=32, loop_tile=32,
-                              min_programs=1),
-    "split": gn_kernels.Tuning(split_tile=64, min_programs=1 << 20),
+    "tile": (gn_kernels.Tuning(min_programs=1), "tile"),
+    "loop": (gn_kernels.Tuning(register_tile=32, register_tile_backward=32, loop_tile=32,
+                               min_programs=1), "loop"),
+    "split": (gn_kernels.Tuning(split_tile=64, min_programs=1 << 20), "split"),
+    "split_merge_kernel": (gn_kernels.Tuning(split_tile=64, min_programs=1 << 20,
+                                             inline_merge=0), "split"),
 }
 # a "large group" in miniature: 3 channels per group (not a power of two) × 11×9 positions
 LARGE_GROUP = {False: Case((2, 6, 11, 9), 2), True: Case((1, 6, 11, 9), 2, channels_last=True)}
@@ -250,14 +252,16 @@ LARGE_GROUP = {False: Case((2, 6, 11, 9), 2), True: Case((1, 6, 11, 9), 2, chann
 @pytest.mark.parametrize("act", [True, False], ids=["silu", "no_act"])
 def test_triton_strategy_matches_reference(monkeypatch, strategy, nhwc, act):
     case = dataclasses.replace(LARGE_GROUP[nhwc], act=act, shift=act)
-    monkeypatch.setattr(gn_kernels, "TUNING", TUNINGS[strategy])
+    tuning, expected = TUNINGS[strategy]
+    monkeypatch.setattr(gn_kernels, "TUNING", tuning)
     batch, chans = case.shape[:2]
     spatial = math.prod(case.shape[2:])
     for backward in (False, True):
         plan = gn_kernels.plan(batch, chans, spatial, case.groups, nhwc, 1, backward=backward)
-        assert plan.strategy == strategy, plan
-        if strategy == "split":
+        assert plan.strategy == expected, plan
+        if expected == "split":
             assert plan.num_splits > 1 and not plan.full_s, plan  # several, the last ragged
+            assert plan.inline_merge == (strategy == "split"), plan
     assert_matches_reference(case, on_backend("triton"), make_inputs(case), grad_output(case),
                              label=f"{strategy} ")
 
@@ -272,7 +276,7 @@ def test_triton_random_shapes_match_reference(batch, groups, per_group, spatial,
                                               affine, act, strategy):
     case = Case((batch, groups * per_group, *spatial), groups, channels_last=nhwc and bool(spatial),
                 shift=shift, affine=affine, act=act)
-    previous, gn_kernels.TUNING = gn_kernels.TUNING, TUNINGS[strategy]
+    previous, gn_kernels.TUNING = gn_kernels.TUNING, TUNINGS[strategy][0]
     try:
         assert_matches_reference(case, on_backend("triton"), make_inputs(case, seed=batch),
                                  grad_output(case), label=f"{case} ")
@@ -333,10 +337,10 @@ def test_triton_non_dense_input_is_copied_not_misread():
 
 
 @needs_triton
-@pytest.mark.parametrize("strategy", ["tile", "split"])
+@pytest.mark.parametrize("strategy", ["tile", "split", "split_merge_kernel"])
 def test_triton_is_deterministic(monkeypatch, strategy):
     """Fixed-order reductions (no atomics): two runs agree bit for bit, gradients included."""
-    monkeypatch.setattr(gn_kernels, "TUNING", TUNINGS[strategy])
+    monkeypatch.setattr(gn_kernels, "TUNING", TUNINGS[strategy][0])
     case = LARGE_GROUP[True]
     inputs, dy = make_inputs(case), grad_output(case)
     first, second = (run(on_backend("triton"), case, inputs, dy) for _ in range(2))
@@ -357,14 +361,14 @@ def test_triton_rejects_integer_input():
 # ---------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("shape, groups, nhwc, strategy, programs", [
-    ((1, 64, 128, 128), 32, False, "split", 256),
+    ((1, 64, 128, 128), 32, False, "split+inline merge", 256),
     ((16, 512, 16, 16), 32, False, "tile", 512),
     ((4, 128, 64, 64), 32, False, "tile", 128),
-    ((1, 1024, 32, 32), 16, False, "split", 256),
-    ((1, 64, 128, 128), 32, True, "split", 256),
+    ((1, 1024, 32, 32), 16, False, "split+inline merge", 256),
+    ((1, 64, 128, 128), 32, True, "split+merge kernel", 256),
     ((16, 512, 16, 16), 32, True, "tile", 128),
-    ((4, 128, 64, 64), 32, True, "split", 512),
-    ((1, 1024, 32, 32), 16, True, "split", 256),
+    ((4, 128, 64, 64), 32, True, "split+merge kernel", 512),
+    ((1, 1024, 32, 32), 16, True, "split+inline merge", 256),
     ((16, 64, 128, 128), 32, False, "loop", 512),
 ])
 def test_plan_for_sr3_shapes_on_h100(shape, groups, nhwc, strategy, programs):
@@ -372,7 +376,10 @@ def test_plan_for_sr3_shapes_on_h100(shape, groups, nhwc, strategy, programs):
     plan = gn_kernels.plan(batch, chans, height * width, groups, nhwc, multiprocessors=132,
                            tuning=gn_kernels.Tuning())
     print(plan)
-    assert plan.strategy == strategy
+    if plan.strategy == "split":
+        assert f"split+{'inline merge' if plan.inline_merge else 'merge kernel'}" == strategy
+    else:
+        assert plan.strategy == strategy
     assert batch * plan.num_blocks * plan.num_splits == programs
     assert plan.full_c and plan.full_s, "SR3 shapes need no masks"
     if nhwc:
