@@ -155,6 +155,11 @@ def _implementation_of(name: str, op: str):
     return getattr(module, op, None)
 
 
+def implements(name: str, op: str) -> bool:
+    """Whether backend `name` has its own kernel for `op` (availability on a device aside)."""
+    return _implementation_of(_check_name(name), op) is not None
+
+
 @lru_cache(maxsize=None)
 def _resolve(op: str, device_type: str, selected: str) -> tuple[str, str]:
     """(backend name, why) for `op` on `device_type` under selection `selected`."""

@@ -16,7 +16,7 @@ def fast_backend_params(op: str, device: torch.device = DEVICE) -> list:
     params = []
     for name in FAST_BACKENDS:
         reason = backends.unavailable_reason(name, device.type)
-        if reason is None and backends._implementation_of(name, op) is None:
+        if reason is None and not backends.implements(name, op):
             reason = f"the {name} backend has no {op} kernel"
         marks = [pytest.mark.skip(reason=reason)] if reason else []
         params.append(pytest.param(name, marks=marks, id=name))
