@@ -5,8 +5,9 @@ Two ops, both `triton_op`s:
   sr3fast::groupnorm_silu_triton           (x, ...) -> (y, mean, rstd)
   sr3fast::groupnorm_silu_backward_triton  (dy, x, mean, rstd, ...) -> (dx, dweight, dbias, dshift)
 The forward saves x, mean and rstd (fp32, (B, G)) plus references to shift/weight/bias; the
-backward recomputes x̂ and SiLU from them. Gradients the caller does not need are returned as
-empty tensors by the backward op (schemas cannot return None) and are not computed.
+backward recomputes x̂ and SiLU from them. dx is always computed; dshift, and dweight/dbias
+(one flag: they come from the same sums), only when asked for, and otherwise returned as empty
+tensors (op schemas cannot return None).
 
 Fake implementations: triton_op derives one by running the launcher with its kernels skipped;
 we register the launchers' own output-allocation step instead. It is the same code, costs no
