@@ -101,3 +101,36 @@ class SelfAttention(nn.Module):
         attended = attended.squeeze(1).transpose(1, 2).reshape(batch, channels, height, width)
         h = self.out(attended) + x
         return h if self.residual_scale == 1.0 else h * self.residual_scale
+
+
+def unet_levels(config, block, downsample, upsample) -> tuple[list, list, list, int]:
+    """The module lists of a DDPM-style U-Net, shared by both variants: `downs` = per level
+    `res_blocks` blocks, then a downsampler (not after the last level); `mid` = a block with
+    attention, then one without; `ups` = per level from the deepest, `res_blocks + 1` blocks each
+    taking the concatenation [h, skip], then an upsampler (not after level 0). Also returns the
+    channel count of the last up block. Skips are the input conv's output (inner_channel
+    channels) and every down module's.
+
+    block(dim, dim_out, with_attn), downsample(dim), upsample(dim) make the modules.
+    """
+    inner, resolutions = config.inner_channel, config.resolutions()
+    channels, skip_channels = inner, [inner]
+    downs = []
+    for level, mult in enumerate(config.channel_mults):
+        for _ in range(config.res_blocks):
+            downs.append(block(channels, inner * mult, resolutions[level] in config.attn_res))
+            channels = inner * mult
+            skip_channels.append(channels)
+        if level != config.levels - 1:
+            downs.append(downsample(channels))
+            skip_channels.append(channels)
+    mid = [block(channels, channels, True), block(channels, channels, False)]
+    ups = []
+    for level in reversed(range(config.levels)):
+        for _ in range(config.res_blocks + 1):
+            out = inner * config.channel_mults[level]
+            ups.append(block(channels + skip_channels.pop(), out, resolutions[level] in config.attn_res))
+            channels = out
+        if level != 0:
+            ups.append(upsample(channels))
+    return downs, mid, ups, channels

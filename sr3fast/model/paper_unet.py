@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import UNetConfig
-from .layers import NoiseLevelEncoding, SelfAttention, check_input, embed_noise_level, noise_level_vector, norm_act
+from .layers import (NoiseLevelEncoding, SelfAttention, check_input, embed_noise_level, noise_level_vector,
+                     norm_act, unet_levels)
 
 SKIP_SCALE = 1.0 / math.sqrt(2.0)
 
@@ -114,30 +115,10 @@ class PaperUNet(nn.Module):
             return BigGANResBlock(dim, dim, embed_dim, groups, dropout, resample=direction)
 
         self.input_conv = nn.Conv2d(config.in_channel, inner, 3, padding=1)
-        channels = inner
-        skip_channels = [channels]
-        downs = []
-        resolutions = config.resolutions()
-        for level, mult in enumerate(config.channel_mults):
-            for _ in range(config.res_blocks):
-                downs.append(block(channels, inner * mult, resolutions[level] in config.attn_res))
-                channels = inner * mult
-                skip_channels.append(channels)
-            if level != config.levels - 1:
-                downs.append(resample(channels, "down"))
-                skip_channels.append(channels)
+        downs, mid, ups, channels = unet_levels(
+            config, block, lambda dim: resample(dim, "down"), lambda dim: resample(dim, "up"))
         self.downs = nn.ModuleList(downs)
-
-        self.mid = nn.ModuleList([block(channels, channels, True), block(channels, channels, False)])
-
-        ups = []
-        for level in reversed(range(config.levels)):
-            mult = config.channel_mults[level]
-            for _ in range(config.res_blocks + 1):
-                ups.append(block(channels + skip_channels.pop(), inner * mult, resolutions[level] in config.attn_res))
-                channels = inner * mult
-            if level != 0:
-                ups.append(resample(channels, "up"))
+        self.mid = nn.ModuleList(mid)
         self.ups = nn.ModuleList(ups)
 
         self.out_norm = nn.GroupNorm(groups, channels)

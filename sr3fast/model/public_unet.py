@@ -19,7 +19,7 @@ from torch import nn
 
 from .config import UNetConfig
 from .layers import (NoiseLevelEncoding, SelfAttention, check_input, embed_noise_level, noise_level_vector,
-                     norm_act)
+                     norm_act, unet_levels)
 
 
 class ConvBlock(nn.Module):
@@ -137,32 +137,10 @@ class PublicUNet(nn.Module):
             return ResnetBlockWithAttention(dim, dim_out, noise_level_emb_dim=inner, norm_groups=groups,
                                             dropout=dropout, with_attn=with_attn)
 
-        channels = inner
-        skip_channels = [channels]
-        downs = [nn.Conv2d(config.in_channel, inner, 3, padding=1)]
-        resolutions = config.resolutions()
-        for level, mult in enumerate(config.channel_mults):
-            for _ in range(config.res_blocks):
-                downs.append(block(channels, inner * mult, resolutions[level] in config.attn_res))
-                channels = inner * mult
-                skip_channels.append(channels)
-            if level != config.levels - 1:
-                downs.append(Downsample(channels))
-                skip_channels.append(channels)
-        self.downs = nn.ModuleList(downs)
-
-        self.mid = nn.ModuleList([block(channels, channels, True), block(channels, channels, False)])
-
-        ups = []
-        for level in reversed(range(config.levels)):
-            mult = config.channel_mults[level]
-            for _ in range(config.res_blocks + 1):
-                ups.append(block(channels + skip_channels.pop(), inner * mult, resolutions[level] in config.attn_res))
-                channels = inner * mult
-            if level != 0:
-                ups.append(Upsample(channels))
+        downs, mid, ups, channels = unet_levels(config, block, Downsample, Upsample)
+        self.downs = nn.ModuleList([nn.Conv2d(config.in_channel, inner, 3, padding=1), *downs])
+        self.mid = nn.ModuleList(mid)
         self.ups = nn.ModuleList(ups)
-
         self.final_conv = ConvBlock(channels, config.out_channel, groups=groups)
 
     @property
