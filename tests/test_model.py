@@ -13,7 +13,7 @@ from torch import nn
 import peer_sr3
 import sr3fast
 from sr3fast import ops
-from sr3fast.model import PaperUNet, PublicUNet, SR3, SR3Config, UNetConfig, build, get_preset, presets
+from sr3fast.model import PaperUNet, PublicUNet, SR3Config, UNetConfig, build, get_preset, presets
 from sr3fast.model.paper_unet import BigGANResBlock
 from sr3fast.model.layers import SelfAttention
 from support import fast_backend_params, fp32_atol, report
