@@ -7,6 +7,8 @@ Environment switches:
   SR3FAST_REQUIRE_EXT=1   fail the install when the extension does not build (CI sets it);
                           otherwise a failed build is reported and the library falls back
   TORCH_CUDA_ARCH_LIST    CUDA targets (default: Ampere and Hopper, "8.0;9.0")
+  SR3FAST_CPU_CAPABILITY  SIMD level of the CPU kernels: default, avx2 or avx512 (default: the
+                          level torch itself uses on the build machine)
   MAX_JOBS                parallel compile jobs (read by torch's build_ext)
 """
 import os
@@ -50,6 +52,35 @@ def _listed_sources():
     return names
 
 
+# ATen's Vectorized<T> takes its SIMD width from the CPU_CAPABILITY_* macros. torch compiles its
+# kernels once per level and picks one at run time; the extension is compiled once, for one level.
+_CPU_CAPABILITY_FLAGS = {
+    "DEFAULT": [],
+    "AVX2": ["-mavx2", "-mfma", "-mf16c", "-DCPU_CAPABILITY_AVX2"],
+    "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
+               "-DCPU_CAPABILITY_AVX512"],
+}
+
+
+def _cpu_capability_flags(torch):
+    """Compiler flags for the CPU kernels' SIMD level: SR3FAST_CPU_CAPABILITY, else the level torch
+    runs at on this machine (x86-64 only; other machines build the portable DEFAULT level)."""
+    level = os.environ.get("SR3FAST_CPU_CAPABILITY", "").strip().upper()
+    if not level:
+        import platform
+        if platform.machine().lower() not in ("x86_64", "amd64"):
+            level = "DEFAULT"
+        else:
+            level = torch.backends.cpu.get_cpu_capability().upper()
+            level = level if level in _CPU_CAPABILITY_FLAGS else "DEFAULT"
+    if level not in _CPU_CAPABILITY_FLAGS:
+        raise SystemExit(f"SR3FAST_CPU_CAPABILITY={level.lower()}: choose one of "
+                         f"{', '.join(c.lower() for c in _CPU_CAPABILITY_FLAGS)}")
+    # A distinct inline namespace per level (as in torch's own kernels) keeps the inline vector
+    # functions of differently compiled libraries apart.
+    return [*_CPU_CAPABILITY_FLAGS[level], f"-DCPU_CAPABILITY={level}"]
+
+
 def _extensions():
     if _flag("SR3FAST_SKIP_EXT"):
         return [], {}
@@ -73,14 +104,16 @@ def _extensions():
     if not with_cuda:
         sources = [s for s in sources if not s.endswith(".cu")]
     openmp = ["-fopenmp"] if sys.platform.startswith("linux") else []
-    cxx = ["-O3", "-std=c++17", *openmp]
+    # -ffp-contract=off: no implicit FMA, so reverse_step reproduces the reference bit for bit.
+    # No -std flag: torch adds the C++ standard its headers need (C++17 or C++20 by version).
+    cxx = ["-O3", "-ffp-contract=off", *openmp, *_cpu_capability_flags(torch)]
     define_macros = [("SR3FAST_WITH_CUDA", "1")] if with_cuda else []
     kwargs = dict(
         name="sr3fast._C",
         sources=sources,
         include_dirs=[str(CSRC)],
         define_macros=define_macros,
-        extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-std=c++17", "--use_fast_math",
+        extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--use_fast_math",
                                                  "-lineinfo"]} if with_cuda else {"cxx": cxx},
         extra_link_args=openmp,
         py_limited_api=False,

@@ -1,0 +1,591 @@
+// groupnorm_silu on CPU: vectorised (at::vec) and parallel (at::parallel_for), float32 maths.
+//
+// Forward: Welford moments per (b, c, chunk) -> per-(b, g) mean/rstd and the (alpha, beta) table
+// -> y = act(alpha*x + beta). Backward: the (alpha, beta, p, q) table -> per-(b, c, chunk) sums
+// -> per-(b, g) A, B and the (alpha, beta, u, v, t) table -> dx = u*dz + v*x + t.
+// The formulas are in math.h. Both memory layouts are read in place:
+//   channels-first (B, C, S): a task is a run of positions of one (b, c);
+//   channels-last  (B, S, C): a task is a block of rows (positions) of all C channels of one b.
+#include <limits>
+#include <vector>
+
+#include <ATen/Parallel.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
+#include <torch/library.h>
+
+#include "common/cpu_lanes.h"
+#include "common/dispatch.h"
+#include "groupnorm_silu/math.h"
+#include "groupnorm_silu/problem.h"
+
+namespace sr3fast::groupnorm_silu {
+namespace {
+
+using cpu::fVec;
+using cpu::Lanes;
+
+// A task touches about this many elements (16 KiB of float32: it stays in L1/L2 while a task
+// works on it). The split depends only on the shape, never on the thread count, so results are
+// reproducible across machines.
+constexpr int64_t kTaskElements = 4096;
+// Fewer elements than this in total run on one thread (ATen's GRAIN_SIZE).
+constexpr int64_t kParallelElements = 32768;
+
+struct Tiling {
+  int64_t chunk;       // positions per task
+  int64_t num_chunks;  // tasks per (b, c) when channels-first, per b when channels-last
+};
+
+Tiling tiling_of(const Problem& p) {
+  const int64_t per_task = p.layout == Layout::kChannelsFirst
+                               ? kTaskElements
+                               : std::max<int64_t>(1, kTaskElements / p.channels);
+  const int64_t chunk = std::min(per_task, std::max<int64_t>(1, p.spatial));
+  return {chunk, ceil_div(p.spatial, chunk)};
+}
+
+// One task: positions [k*chunk, k*chunk + count) of sample b, and channel c when channels-first.
+struct Task {
+  int64_t b, c, k, count;
+  int64_t offset;  // of its first element in x
+};
+
+template <typename F>
+void parallel_tasks(const Problem& p, const Tiling& tiling, const F& run) {
+  const bool first = p.layout == Layout::kChannelsFirst;
+  const int64_t per_sample = first ? p.channels * tiling.num_chunks : tiling.num_chunks;
+  const int64_t task_elements = tiling.chunk * (first ? 1 : p.channels);
+  const int64_t grain = std::max<int64_t>(1, kParallelElements / task_elements);
+  at::parallel_for(0, p.batch * per_sample, grain, [&](int64_t begin, int64_t end) {
+    for (int64_t index = begin; index < end; ++index) {
+      Task task;
+      task.b = index / per_sample;
+      const int64_t rest = index % per_sample;
+      task.c = first ? rest / tiling.num_chunks : 0;
+      task.k = rest % tiling.num_chunks;
+      const int64_t start = task.k * tiling.chunk;
+      task.count = std::min(tiling.chunk, p.spatial - start);
+      task.offset = first ? (task.b * p.channels + task.c) * p.spatial + start
+                          : (task.b * p.spatial + start) * p.channels;
+      run(task);
+    }
+  });
+}
+
+// Index of (b, k, c) in a per-chunk partial buffer (components, B, num_chunks, C).
+int64_t partial_index(const Problem& p, const Tiling& tiling, int64_t b, int64_t k, int64_t c) {
+  return (b * tiling.num_chunks + k) * p.channels + c;
+}
+
+float param_or(const at::Tensor& param, int64_t index, float fallback) {
+  return param.defined() ? param.data_ptr<float>()[index] : fallback;
+}
+
+// ---- forward -----------------------------------------------------------------------------
+
+// Moments of n contiguous values: one Welford state per vector lane, merged at the end.
+template <typename T>
+Moments run_moments(const T* x, int64_t n) {
+  using L = Lanes<T>;
+  const int64_t steps = n / L::kSize;
+  fVec mean[L::kVecs], m2[L::kVecs];
+  for (int i = 0; i < L::kVecs; ++i) {
+    mean[i] = fVec(0.f);
+    m2[i] = fVec(0.f);
+  }
+  for (int64_t step = 0; step < steps; ++step) {
+    const L value = L::load(x + step * L::kSize);
+    const fVec inv_count(1.f / static_cast<float>(step + 1));
+    for (int i = 0; i < L::kVecs; ++i) {
+      const fVec delta = value.v[i] - mean[i];
+      mean[i] = at::vec::fmadd(delta, inv_count, mean[i]);
+      m2[i] = at::vec::fmadd(delta, value.v[i] - mean[i], m2[i]);
+    }
+  }
+  Moments total;
+  if (steps > 0) {
+    float lane_mean[L::kSize], lane_m2[L::kSize];
+    for (int i = 0; i < L::kVecs; ++i) {
+      mean[i].store(lane_mean + i * fVec::size());
+      m2[i].store(lane_m2 + i * fVec::size());
+    }
+    for (int64_t lane = 0; lane < L::kSize; ++lane) {
+      total.merge({static_cast<float>(steps), lane_mean[lane], lane_m2[lane]});
+    }
+  }
+  for (int64_t i = steps * L::kSize; i < n; ++i) {
+    total.add(static_cast<float>(x[i]));
+  }
+  return total;
+}
+
+// Moments per channel of `rows` rows of C values, one Welford update per row.
+// mean and m2 (C,) start at zero; every channel's count is `rows`.
+template <typename T>
+void rows_moments(const T* x, int64_t rows, int64_t channels, float* mean, float* m2) {
+  using L = Lanes<T>;
+  const int64_t vector_end = channels - channels % L::kSize;
+  for (int64_t row = 0; row < rows; ++row) {
+    const T* values = x + row * channels;
+    const float inv_count = 1.f / static_cast<float>(row + 1);
+    for (int64_t c = 0; c < vector_end; c += L::kSize) {
+      const L value = L::load(values + c);
+      L m = L::load_float(mean + c), s = L::load_float(m2 + c);
+      for (int i = 0; i < L::kVecs; ++i) {
+        const fVec delta = value.v[i] - m.v[i];
+        m.v[i] = at::vec::fmadd(delta, fVec(inv_count), m.v[i]);
+        s.v[i] = at::vec::fmadd(delta, value.v[i] - m.v[i], s.v[i]);
+      }
+      m.store_float(mean + c);
+      s.store_float(m2 + c);
+    }
+    for (int64_t c = vector_end; c < channels; ++c) {
+      const float value = static_cast<float>(values[c]);
+      const float delta = value - mean[c];
+      mean[c] += delta * inv_count;
+      m2[c] += delta * (value - mean[c]);
+    }
+  }
+}
+
+// y = act(alpha*x + beta) over n contiguous values of one channel.
+template <typename T>
+void run_forward(const T* x, T* y, int64_t n, float alpha, float beta, bool act) {
+  using L = Lanes<T>;
+  const int64_t vector_end = n - n % L::kSize;
+  for (int64_t i = 0; i < vector_end; i += L::kSize) {
+    L value = L::load(x + i);
+    for (int j = 0; j < L::kVecs; ++j) {
+      const fVec z = at::vec::fmadd(value.v[j], fVec(alpha), fVec(beta));
+      value.v[j] = act ? cpu::silu(z) : z;
+    }
+    value.store(y + i);
+  }
+  for (int64_t i = vector_end; i < n; ++i) {
+    y[i] = static_cast<T>(activate(alpha * static_cast<float>(x[i]) + beta, act));
+  }
+}
+
+// y = act(alpha_c*x + beta_c) over `rows` rows of C values; alpha, beta: (C,).
+template <typename T>
+void rows_forward(const T* x, T* y, int64_t rows, int64_t channels, const float* alpha,
+                  const float* beta, bool act) {
+  using L = Lanes<T>;
+  const int64_t vector_end = channels - channels % L::kSize;
+  for (int64_t row = 0; row < rows; ++row) {
+    const T* in = x + row * channels;
+    T* out = y + row * channels;
+    for (int64_t c = 0; c < vector_end; c += L::kSize) {
+      L value = L::load(in + c);
+      const L a = L::load_float(alpha + c), b = L::load_float(beta + c);
+      for (int j = 0; j < L::kVecs; ++j) {
+        const fVec z = at::vec::fmadd(value.v[j], a.v[j], b.v[j]);
+        value.v[j] = act ? cpu::silu(z) : z;
+      }
+      value.store(out + c);
+    }
+    for (int64_t c = vector_end; c < channels; ++c) {
+      out[c] = static_cast<T>(activate(alpha[c] * static_cast<float>(in[c]) + beta[c], act));
+    }
+  }
+}
+
+// Per-(b, g) statistics from the per-chunk moments; fills mean, rstd (B, G) and the forward
+// table (kForwardCoefs, B, C).
+void finalize_forward(const Problem& p, const Tiling& tiling, const float* partial, double eps,
+                      float* mean_out, float* rstd_out, float* table) {
+  const int64_t D = p.channels_per_group(), C = p.channels, BC = p.batch * C;
+  const int64_t components = p.batch * tiling.num_chunks * C;
+  at::parallel_for(0, p.batch * p.groups, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t bg = begin; bg < end; ++bg) {
+      const int64_t b = bg / p.groups, c0 = (bg % p.groups) * D;
+      Moments total;
+      for (int64_t c = c0; c < c0 + D; ++c) {
+        const float shift = param_or(p.shift, b * C + c, 0.f);
+        for (int64_t k = 0; k < tiling.num_chunks; ++k) {
+          const int64_t i = partial_index(p, tiling, b, k, c);
+          total.merge({partial[i], partial[components + i] + shift, partial[2 * components + i]});
+        }
+      }
+      const float variance = std::max(total.m2 / total.count, 0.f);
+      const float rstd = 1.f / std::sqrt(variance + static_cast<float>(eps));
+      mean_out[bg] = total.mean;
+      rstd_out[bg] = rstd;
+      for (int64_t c = c0; c < c0 + D; ++c) {
+        const float alpha = rstd * param_or(p.weight, c, 1.f);
+        const float shift = param_or(p.shift, b * C + c, 0.f);
+        table[kAlpha * BC + b * C + c] = alpha;
+        table[kBeta * BC + b * C + c] = param_or(p.bias, c, 0.f) + (shift - total.mean) * alpha;
+      }
+    }
+  });
+}
+
+template <typename T>
+void forward(const Problem& p, double eps, bool act, at::Tensor& y, at::Tensor& mean,
+             at::Tensor& rstd) {
+  const Tiling tiling = tiling_of(p);
+  const int64_t C = p.channels, BC = p.batch * C;
+  // (count, mean, m2) per (b, chunk, c)
+  auto partial = at::zeros({3, p.batch, tiling.num_chunks, C}, p.x.options().dtype(at::kFloat));
+  const int64_t components = partial.numel() / 3;
+  float* part = partial.data_ptr<float>();
+  const T* x = p.x.data_ptr<T>();
+  parallel_tasks(p, tiling, [&](const Task& t) {
+    const int64_t i = partial_index(p, tiling, t.b, t.k, t.c);
+    if (p.layout == Layout::kChannelsFirst) {
+      const Moments m = run_moments(x + t.offset, t.count);
+      part[i] = m.count;
+      part[components + i] = m.mean;
+      part[2 * components + i] = m.m2;
+    } else {
+      std::fill_n(part + i, C, static_cast<float>(t.count));
+      rows_moments(x + t.offset, t.count, C, part + components + i, part + 2 * components + i);
+    }
+  });
+
+  auto table = at::empty({kForwardCoefs, p.batch, C}, partial.options());
+  const float* coef = table.data_ptr<float>();
+  finalize_forward(p, tiling, part, eps, mean.data_ptr<float>(), rstd.data_ptr<float>(),
+                   table.data_ptr<float>());
+
+  T* out = y.data_ptr<T>();
+  parallel_tasks(p, tiling, [&](const Task& t) {
+    const int64_t bc = t.b * C + t.c;
+    if (p.layout == Layout::kChannelsFirst) {
+      run_forward(x + t.offset, out + t.offset, t.count, coef[kAlpha * BC + bc],
+                  coef[kBeta * BC + bc], act);
+    } else {
+      rows_forward(x + t.offset, out + t.offset, t.count, C, coef + kAlpha * BC + t.b * C,
+                   coef + kBeta * BC + t.b * C, act);
+    }
+  });
+}
+
+// ---- backward ----------------------------------------------------------------------------
+
+// dz (the gradient reaching the pre-activation z) and xhat, for a vector of x and dy.
+struct GradTerms {
+  fVec dz, xhat;
+};
+
+inline GradTerms grad_terms(const fVec& x, const fVec& dy, const fVec& alpha,
+                                  const fVec& beta, const fVec& p, const fVec& q, bool act) {
+  const fVec xhat = at::vec::fmadd(x, p, q);
+  if (!act) {
+    return {dy, xhat};
+  }
+  const fVec z = at::vec::fmadd(x, alpha, beta);
+  const fVec one(1.f);
+  const fVec s = one / (one + z.neg().exp());
+  return {dy * s * at::vec::fmadd(z, one - s, one), xhat};
+}
+
+// Sums of dz, dz*xhat and xhat over n contiguous values of one channel; sums: 3 floats.
+template <typename T>
+void run_sums(const T* x, const T* dy, int64_t n, const float* k, bool act, float* sums) {
+  using L = Lanes<T>;
+  const fVec alpha(k[kAlpha]), beta(k[kBeta]), p(k[kP]), q(k[kQ]);
+  fVec dz_sum(0.f), dzx_sum(0.f), x_sum(0.f);
+  const int64_t vector_end = n - n % L::kSize;
+  for (int64_t i = 0; i < vector_end; i += L::kSize) {
+    const L value = L::load(x + i), grad = L::load(dy + i);
+    for (int j = 0; j < L::kVecs; ++j) {
+      const auto g = grad_terms(value.v[j], grad.v[j], alpha, beta, p, q, act);
+      dz_sum = dz_sum + g.dz;
+      dzx_sum = at::vec::fmadd(g.dz, g.xhat, dzx_sum);
+      x_sum = x_sum + g.xhat;
+    }
+  }
+  sums[kSumDz] = cpu::horizontal_sum(dz_sum);
+  sums[kSumDzXhat] = cpu::horizontal_sum(dzx_sum);
+  sums[kSumXhat] = cpu::horizontal_sum(x_sum);
+  for (int64_t i = vector_end; i < n; ++i) {
+    const float value = static_cast<float>(x[i]);
+    const float xhat = k[kP] * value + k[kQ];
+    const float dz = activation_grad(k[kAlpha] * value + k[kBeta], static_cast<float>(dy[i]), act);
+    sums[kSumDz] += dz;
+    sums[kSumDzXhat] += dz * xhat;
+    sums[kSumXhat] += xhat;
+  }
+}
+
+// The same sums per channel over `rows` rows of C values. table: (kSumPassCoefs, B, C) at
+// sample b; sums: kSums arrays of C floats, `stride` apart, starting at zero.
+template <typename T>
+void rows_sums(const T* x, const T* dy, int64_t rows, int64_t channels, const float* table,
+               int64_t table_stride, bool act, float* sums, int64_t stride) {
+  using L = Lanes<T>;
+  const int64_t vector_end = channels - channels % L::kSize;
+  const float* coef[kSumPassCoefs];
+  for (int k = 0; k < kSumPassCoefs; ++k) {
+    coef[k] = table + k * table_stride;
+  }
+  float* dz_sum = sums + kSumDz * stride;
+  float* dzx_sum = sums + kSumDzXhat * stride;
+  float* x_sum = sums + kSumXhat * stride;
+  for (int64_t row = 0; row < rows; ++row) {
+    const T* in = x + row * channels;
+    const T* grad_in = dy + row * channels;
+    for (int64_t c = 0; c < vector_end; c += L::kSize) {
+      const L value = L::load(in + c), grad = L::load(grad_in + c);
+      const L alpha = L::load_float(coef[kAlpha] + c), beta = L::load_float(coef[kBeta] + c);
+      const L p = L::load_float(coef[kP] + c), q = L::load_float(coef[kQ] + c);
+      L s_dz = L::load_float(dz_sum + c), s_dzx = L::load_float(dzx_sum + c);
+      L s_x = L::load_float(x_sum + c);
+      for (int j = 0; j < L::kVecs; ++j) {
+        const auto g =
+            grad_terms(value.v[j], grad.v[j], alpha.v[j], beta.v[j], p.v[j], q.v[j], act);
+        s_dz.v[j] = s_dz.v[j] + g.dz;
+        s_dzx.v[j] = at::vec::fmadd(g.dz, g.xhat, s_dzx.v[j]);
+        s_x.v[j] = s_x.v[j] + g.xhat;
+      }
+      s_dz.store_float(dz_sum + c);
+      s_dzx.store_float(dzx_sum + c);
+      s_x.store_float(x_sum + c);
+    }
+    for (int64_t c = vector_end; c < channels; ++c) {
+      const float value = static_cast<float>(in[c]);
+      const float xhat = coef[kP][c] * value + coef[kQ][c];
+      const float dz = activation_grad(coef[kAlpha][c] * value + coef[kBeta][c],
+                                       static_cast<float>(grad_in[c]), act);
+      dz_sum[c] += dz;
+      dzx_sum[c] += dz * xhat;
+      x_sum[c] += xhat;
+    }
+  }
+}
+
+// dx = u*dz + v*x + t over n contiguous values; k: the five coefficients of the channel.
+template <typename T>
+void run_grad(const T* x, const T* dy, T* dx, int64_t n, const float* k, bool act) {
+  using L = Lanes<T>;
+  const fVec alpha(k[kAlpha]), beta(k[kBeta]), u(k[kU]), v(k[kV]), t(k[kT]);
+  const fVec unused(0.f);
+  const int64_t vector_end = n - n % L::kSize;
+  for (int64_t i = 0; i < vector_end; i += L::kSize) {
+    const L value = L::load(x + i), grad = L::load(dy + i);
+    L out;
+    for (int j = 0; j < L::kVecs; ++j) {
+      const fVec dz = grad_terms(value.v[j], grad.v[j], alpha, beta, unused, unused, act).dz;
+      out.v[j] = at::vec::fmadd(u, dz, at::vec::fmadd(v, value.v[j], t));
+    }
+    out.store(dx + i);
+  }
+  for (int64_t i = vector_end; i < n; ++i) {
+    const float value = static_cast<float>(x[i]);
+    const float dz = activation_grad(k[kAlpha] * value + k[kBeta], static_cast<float>(dy[i]), act);
+    dx[i] = static_cast<T>(k[kU] * dz + k[kV] * value + k[kT]);
+  }
+}
+
+// The same over `rows` rows of C values; table: (kGradPassCoefs, B, C) at sample b.
+template <typename T>
+void rows_grad(const T* x, const T* dy, T* dx, int64_t rows, int64_t channels, const float* table,
+               int64_t table_stride, bool act) {
+  using L = Lanes<T>;
+  const int64_t vector_end = channels - channels % L::kSize;
+  const float* coef[kGradPassCoefs];
+  for (int k = 0; k < kGradPassCoefs; ++k) {
+    coef[k] = table + k * table_stride;
+  }
+  const fVec unused(0.f);
+  for (int64_t row = 0; row < rows; ++row) {
+    const T* in = x + row * channels;
+    const T* grad_in = dy + row * channels;
+    T* out = dx + row * channels;
+    for (int64_t c = 0; c < vector_end; c += L::kSize) {
+      const L value = L::load(in + c), grad = L::load(grad_in + c);
+      const L alpha = L::load_float(coef[kAlpha] + c), beta = L::load_float(coef[kBeta] + c);
+      const L u = L::load_float(coef[kU] + c), v = L::load_float(coef[kV] + c);
+      const L t = L::load_float(coef[kT] + c);
+      L result;
+      for (int j = 0; j < L::kVecs; ++j) {
+        const fVec dz =
+            grad_terms(value.v[j], grad.v[j], alpha.v[j], beta.v[j], unused, unused, act).dz;
+        result.v[j] = at::vec::fmadd(u.v[j], dz, at::vec::fmadd(v.v[j], value.v[j], t.v[j]));
+      }
+      result.store(out + c);
+    }
+    for (int64_t c = vector_end; c < channels; ++c) {
+      const float value = static_cast<float>(in[c]);
+      const float dz = activation_grad(coef[kAlpha][c] * value + coef[kBeta][c],
+                                       static_cast<float>(grad_in[c]), act);
+      out[c] = static_cast<T>(coef[kU][c] * dz + coef[kV][c] * value + coef[kT][c]);
+    }
+  }
+}
+
+// The sum pass's table (kSumPassCoefs, B, C) from the forward statistics.
+void sum_pass_table(const Problem& p, const float* mean, const float* rstd, float* table) {
+  const int64_t C = p.channels, BC = p.batch * C, D = p.channels_per_group();
+  for (int64_t b = 0; b < p.batch; ++b) {
+    for (int64_t c = 0; c < C; ++c) {
+      const int64_t bg = b * p.groups + c / D, bc = b * C + c;
+      const float q = (param_or(p.shift, bc, 0.f) - mean[bg]) * rstd[bg];
+      table[kAlpha * BC + bc] = rstd[bg] * param_or(p.weight, c, 1.f);
+      table[kBeta * BC + bc] = q * param_or(p.weight, c, 1.f) + param_or(p.bias, c, 0.f);
+      table[kP * BC + bc] = rstd[bg];
+      table[kQ * BC + bc] = q;
+    }
+  }
+}
+
+// From the per-chunk sums: the gradient pass's table and the parameter gradients (float32).
+void finalize_backward(const Problem& p, const Tiling& tiling, const float* partial,
+                       const float* rstd, const float* sum_table, float* grad_table,
+                       float* grad_weight, float* grad_bias, float* grad_shift) {
+  const int64_t C = p.channels, BC = p.batch * C, D = p.channels_per_group();
+  const int64_t components = p.batch * tiling.num_chunks * C;
+  const float count = static_cast<float>(D * p.spatial);
+  std::vector<float> totals(kSums * BC, 0.f);  // per (b, c) sums over all chunks
+  for (int64_t b = 0; b < p.batch; ++b) {
+    for (int64_t g = 0; g < p.groups; ++g) {
+      float weighted_dzx = 0.f, weighted_dz = 0.f;
+      for (int64_t c = g * D; c < (g + 1) * D; ++c) {
+        const int64_t bc = b * C + c;
+        for (int64_t k = 0; k < tiling.num_chunks; ++k) {
+          const int64_t i = partial_index(p, tiling, b, k, c);
+          for (int s = 0; s < kSums; ++s) {
+            totals[s * BC + bc] += partial[s * components + i];
+          }
+        }
+        const float w = param_or(p.weight, c, 1.f);
+        weighted_dzx += w * totals[kSumDzXhat * BC + bc];
+        weighted_dz += w * totals[kSumDz * BC + bc];
+      }
+      const float r = rstd[b * p.groups + g];
+      const float a = weighted_dzx / count, mean_dz = weighted_dz / count;
+      for (int64_t c = g * D; c < (g + 1) * D; ++c) {
+        const int64_t bc = b * C + c;
+        const float u = r * param_or(p.weight, c, 1.f);
+        grad_table[kAlpha * BC + bc] = sum_table[kAlpha * BC + bc];
+        grad_table[kBeta * BC + bc] = sum_table[kBeta * BC + bc];
+        grad_table[kU * BC + bc] = u;
+        grad_table[kV * BC + bc] = -r * a * sum_table[kP * BC + bc];
+        grad_table[kT * BC + bc] = -r * (a * sum_table[kQ * BC + bc] + mean_dz);
+        grad_shift[bc] = u * totals[kSumDz * BC + bc] - r * a * totals[kSumXhat * BC + bc] -
+                         static_cast<float>(p.spatial) * r * mean_dz;
+      }
+    }
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    float dw = 0.f, db = 0.f;
+    for (int64_t b = 0; b < p.batch; ++b) {
+      dw += totals[kSumDzXhat * BC + b * C + c];
+      db += totals[kSumDz * BC + b * C + c];
+    }
+    grad_weight[c] = dw;
+    grad_bias[c] = db;
+  }
+}
+
+template <typename T>
+void backward(const Problem& p, const at::Tensor& grad_y, const at::Tensor& mean,
+              const at::Tensor& rstd, bool act, at::Tensor& grad_x, at::Tensor& grad_weight,
+              at::Tensor& grad_bias, at::Tensor& grad_shift) {
+  const Tiling tiling = tiling_of(p);
+  const int64_t C = p.channels, BC = p.batch * C;
+  const auto options = p.x.options().dtype(at::kFloat);
+  auto sum_table = at::empty({kSumPassCoefs, p.batch, C}, options);
+  sum_pass_table(p, mean.data_ptr<float>(), rstd.data_ptr<float>(), sum_table.data_ptr<float>());
+
+  auto partial = at::zeros({kSums, p.batch, tiling.num_chunks, C}, options);
+  const int64_t components = partial.numel() / kSums;
+  float* part = partial.data_ptr<float>();
+  const float* table = sum_table.data_ptr<float>();
+  const T* x = p.x.data_ptr<T>();
+  const T* dy = grad_y.data_ptr<T>();
+  parallel_tasks(p, tiling, [&](const Task& t) {
+    const int64_t i = partial_index(p, tiling, t.b, t.k, t.c);
+    if (p.layout == Layout::kChannelsFirst) {
+      float k[kSumPassCoefs], sums[kSums];
+      for (int j = 0; j < kSumPassCoefs; ++j) {
+        k[j] = table[j * BC + t.b * C + t.c];
+      }
+      run_sums(x + t.offset, dy + t.offset, t.count, k, act, sums);
+      for (int s = 0; s < kSums; ++s) {
+        part[s * components + i] = sums[s];
+      }
+    } else {
+      rows_sums(x + t.offset, dy + t.offset, t.count, C, table + t.b * C, BC, act, part + i,
+                components);
+    }
+  });
+
+  auto grad_table = at::empty({kGradPassCoefs, p.batch, C}, options);
+  finalize_backward(p, tiling, part, rstd.data_ptr<float>(), table, grad_table.data_ptr<float>(),
+                    grad_weight.data_ptr<float>(), grad_bias.data_ptr<float>(),
+                    grad_shift.data_ptr<float>());
+
+  const float* coef = grad_table.data_ptr<float>();
+  T* dx = grad_x.data_ptr<T>();
+  parallel_tasks(p, tiling, [&](const Task& t) {
+    if (p.layout == Layout::kChannelsFirst) {
+      float k[kGradPassCoefs];
+      for (int j = 0; j < kGradPassCoefs; ++j) {
+        k[j] = coef[j * BC + t.b * C + t.c];
+      }
+      run_grad(x + t.offset, dy + t.offset, dx + t.offset, t.count, k, act);
+    } else {
+      rows_grad(x + t.offset, dy + t.offset, dx + t.offset, t.count, C, coef + t.b * C, BC, act);
+    }
+  });
+}
+
+// ---- ops ---------------------------------------------------------------------------------
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> groupnorm_silu_cpu(
+    const at::Tensor& x, int64_t num_groups, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, double eps, const std::optional<at::Tensor>& shift,
+    bool act) {
+  const Problem p = make_problem("sr3fast::groupnorm_silu", x, num_groups, weight, bias, shift,
+                                 /*params_in_float32=*/true);
+  auto y = at::empty_like(p.x);
+  auto mean = at::empty({p.batch, p.groups}, x.options().dtype(at::kFloat));
+  auto rstd = at::empty_like(mean);
+  if (x.numel() > 0) {
+    SR3FAST_DISPATCH_FLOATING_TYPES(x.scalar_type(), "groupnorm_silu_cpu", [&] {
+      forward<scalar_t>(p, eps, act, y, mean, rstd);
+    });
+  } else {
+    // statistics of empty groups, as the reference computes them
+    mean.fill_(std::numeric_limits<float>::quiet_NaN());
+    rstd.fill_(std::numeric_limits<float>::quiet_NaN());
+  }
+  return {y, mean, rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> groupnorm_silu_backward_cpu(
+    const at::Tensor& grad_y, const at::Tensor& x, const at::Tensor& mean, const at::Tensor& rstd,
+    int64_t num_groups, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& shift, bool act) {
+  const Problem p = make_problem("sr3fast::groupnorm_silu_backward", x, num_groups, weight, bias,
+                                 shift, /*params_in_float32=*/true);
+  const at::Tensor dy = check_backward(p, grad_y, mean, rstd);
+  auto grad_x = at::empty_like(p.x);
+  const auto options = x.options().dtype(at::kFloat);
+  auto grad_weight = at::zeros({p.channels}, options);
+  auto grad_bias = at::zeros({p.channels}, options);
+  auto grad_shift = at::zeros({p.batch, p.channels}, options);
+  if (x.numel() > 0) {
+    SR3FAST_DISPATCH_FLOATING_TYPES(x.scalar_type(), "groupnorm_silu_backward_cpu", [&] {
+      backward<scalar_t>(p, dy, mean.contiguous(), rstd.contiguous(), act, grad_x, grad_weight,
+                         grad_bias, grad_shift);
+    });
+  }
+  auto [dw, db, dshift] =
+      param_grads_in_dtype(x, grad_weight, grad_bias, grad_shift, weight, bias, shift);
+  return {grad_x, dw, db, dshift};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(sr3fast, CPU, m) {
+  m.impl("groupnorm_silu", &groupnorm_silu_cpu);
+  m.impl("groupnorm_silu_backward", &groupnorm_silu_backward_cpu);
+}
+
+}  // namespace sr3fast::groupnorm_silu
