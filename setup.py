@@ -39,6 +39,20 @@ def _find_cuda_home():
     return None
 
 
+def _cuda_library_include_dirs(cuda_home):
+    """Include folders for the CUDA math libraries' headers (cuBLAS, cuSPARSE, cuRAND, ...) that
+    torch's CUDA headers include, when the toolkit lacks them: a minimal toolkit (nvcc and the
+    runtime only) next to torch's pip wheels, which ship those headers in nvidia/<pkg>/include."""
+    if (Path(cuda_home) / "include" / "cusparse.h").exists():
+        return []
+    try:
+        import nvidia
+    except ImportError:
+        return []
+    return sorted(str(include) for root in nvidia.__path__ for include in Path(root).glob("*/include")
+                  if (include / "cusparse.h").exists() or (include / "curand_kernel.h").exists())
+
+
 def _listed_sources():
     """Paths from csrc/sources.txt, relative to the repository root ('#' starts a comment)."""
     listing = CSRC / "sources.txt"
@@ -111,7 +125,7 @@ def _extensions():
     kwargs = dict(
         name="sr3fast._C",
         sources=sources,
-        include_dirs=[str(CSRC)],
+        include_dirs=[str(CSRC), *(_cuda_library_include_dirs(cuda_home) if with_cuda else [])],
         define_macros=define_macros,
         extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "--use_fast_math",
                                                  "-lineinfo"]} if with_cuda else {"cxx": cxx},

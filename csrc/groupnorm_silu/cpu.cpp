@@ -1,12 +1,12 @@
 // groupnorm_silu on CPU: vectorised (at::vec) and parallel (at::parallel_for), float32 maths.
 //
-// Forward: Welford moments per (b, c, chunk) -> per-(b, g) mean/rstd and the (alpha, beta) table
-// -> y = act(alpha*x + beta). Backward: the (alpha, beta, p, q) table -> per-(b, c, chunk) sums
-// -> per-(b, g) A, B and the (alpha, beta, u, v, t) table -> dx = u*dz + v*x + t.
-// The formulas are in math.h. Both memory layouts are read in place:
+// Forward: Welford moments per (b, c, chunk) -> per-(b, g) mean/rstd and the forward table ->
+// y = act(z). Backward: the backward table -> per-(b, c, chunk) sums -> per-(b, g) A, B (the
+// table's v, t) -> dx. The formulas and tables are described in math.h. Both memory layouts are read in place:
 //   channels-first (B, C, S): a task is a run of positions of one (b, c);
 //   channels-last  (B, S, C): a task is a block of rows (positions) of all C channels of one b.
 #include <limits>
+#include <utility>
 #include <vector>
 
 #include <ATen/Parallel.h>
@@ -150,50 +150,69 @@ void rows_moments(const T* x, int64_t rows, int64_t channels, float* mean, float
   }
 }
 
-// y = act(alpha*x + beta) over n contiguous values of one channel.
+// y = act((x + shift - mean)*alpha + beta) over n contiguous values of one channel;
+// k: the channel's kForwardCoefs coefficients.
 template <typename T>
-void run_forward(const T* x, T* y, int64_t n, float alpha, float beta, bool act) {
+void run_forward(const T* x, T* y, int64_t n, const float* k, bool act) {
   using L = Lanes<T>;
+  const fVec shift(k[kShift]), mean(k[kMean]), alpha(k[kAlpha]), beta(k[kBeta]);
   const int64_t vector_end = n - n % L::kSize;
   for (int64_t i = 0; i < vector_end; i += L::kSize) {
     L value = L::load(x + i);
     for (int j = 0; j < L::kVecs; ++j) {
-      const fVec z = at::vec::fmadd(value.v[j], fVec(alpha), fVec(beta));
+      const fVec z = at::vec::fmadd((value.v[j] + shift) - mean, alpha, beta);
       value.v[j] = act ? cpu::silu(z) : z;
     }
     value.store(y + i);
   }
   for (int64_t i = vector_end; i < n; ++i) {
-    y[i] = static_cast<T>(activate(alpha * static_cast<float>(x[i]) + beta, act));
+    const float h = centered(static_cast<float>(x[i]), k[kShift], k[kMean]);
+    y[i] = static_cast<T>(activate(h * k[kAlpha] + k[kBeta], act));
   }
 }
 
-// y = act(alpha_c*x + beta_c) over `rows` rows of C values; alpha, beta: (C,).
+// Per-channel coefficients of a channels-last row: coef[k] points at coefficient k of channel 0.
+template <int K>
+struct RowCoefs {
+  const float* coef[K];
+  RowCoefs(const float* table, int64_t stride) {
+    for (int k = 0; k < K; ++k) {
+      coef[k] = table + k * stride;
+    }
+  }
+  template <typename L>
+  L load(int k, int64_t c) const { return L::load_float(coef[k] + c); }
+  float at(int k, int64_t c) const { return coef[k][c]; }
+};
+
+// The same over `rows` rows of C values; table: the forward table at sample b.
 template <typename T>
-void rows_forward(const T* x, T* y, int64_t rows, int64_t channels, const float* alpha,
-                  const float* beta, bool act) {
+void rows_forward(const T* x, T* y, int64_t rows, int64_t channels, const float* table,
+                  int64_t table_stride, bool act) {
   using L = Lanes<T>;
+  const RowCoefs<kForwardCoefs> k(table, table_stride);
   const int64_t vector_end = channels - channels % L::kSize;
   for (int64_t row = 0; row < rows; ++row) {
     const T* in = x + row * channels;
     T* out = y + row * channels;
     for (int64_t c = 0; c < vector_end; c += L::kSize) {
       L value = L::load(in + c);
-      const L a = L::load_float(alpha + c), b = L::load_float(beta + c);
+      const L shift = k.load<L>(kShift, c), mean = k.load<L>(kMean, c);
+      const L alpha = k.load<L>(kAlpha, c), beta = k.load<L>(kBeta, c);
       for (int j = 0; j < L::kVecs; ++j) {
-        const fVec z = at::vec::fmadd(value.v[j], a.v[j], b.v[j]);
+        const fVec z = at::vec::fmadd((value.v[j] + shift.v[j]) - mean.v[j], alpha.v[j], beta.v[j]);
         value.v[j] = act ? cpu::silu(z) : z;
       }
       value.store(out + c);
     }
     for (int64_t c = vector_end; c < channels; ++c) {
-      out[c] = static_cast<T>(activate(alpha[c] * static_cast<float>(in[c]) + beta[c], act));
+      const float h = centered(static_cast<float>(in[c]), k.at(kShift, c), k.at(kMean, c));
+      out[c] = static_cast<T>(activate(h * k.at(kAlpha, c) + k.at(kBeta, c), act));
     }
   }
 }
 
-// Per-(b, g) statistics from the per-chunk moments; fills mean, rstd (B, G) and the forward
-// table (kForwardCoefs, B, C).
+// Per-(b, g) statistics from the per-chunk moments; fills mean, rstd (B, G) and the forward table.
 void finalize_forward(const Problem& p, const Tiling& tiling, const float* partial, double eps,
                       float* mean_out, float* rstd_out, float* table) {
   const int64_t D = p.channels_per_group(), C = p.channels, BC = p.batch * C;
@@ -214,10 +233,11 @@ void finalize_forward(const Problem& p, const Tiling& tiling, const float* parti
       mean_out[bg] = total.mean;
       rstd_out[bg] = rstd;
       for (int64_t c = c0; c < c0 + D; ++c) {
-        const float alpha = rstd * param_or(p.weight, c, 1.f);
-        const float shift = param_or(p.shift, b * C + c, 0.f);
-        table[kAlpha * BC + b * C + c] = alpha;
-        table[kBeta * BC + b * C + c] = param_or(p.bias, c, 0.f) + (shift - total.mean) * alpha;
+        const int64_t bc = b * C + c;
+        table[kShift * BC + bc] = param_or(p.shift, bc, 0.f);
+        table[kMean * BC + bc] = total.mean;
+        table[kAlpha * BC + bc] = rstd * param_or(p.weight, c, 1.f);
+        table[kBeta * BC + bc] = param_or(p.bias, c, 0.f);
       }
     }
   });
@@ -253,47 +273,65 @@ void forward(const Problem& p, double eps, bool act, at::Tensor& y, at::Tensor& 
 
   T* out = y.data_ptr<T>();
   parallel_tasks(p, tiling, [&](const Task& t) {
-    const int64_t bc = t.b * C + t.c;
     if (p.layout == Layout::kChannelsFirst) {
-      run_forward(x + t.offset, out + t.offset, t.count, coef[kAlpha * BC + bc],
-                  coef[kBeta * BC + bc], act);
+      float k[kForwardCoefs];
+      for (int j = 0; j < kForwardCoefs; ++j) {
+        k[j] = coef[j * BC + t.b * C + t.c];
+      }
+      run_forward(x + t.offset, out + t.offset, t.count, k, act);
     } else {
-      rows_forward(x + t.offset, out + t.offset, t.count, C, coef + kAlpha * BC + t.b * C,
-                   coef + kBeta * BC + t.b * C, act);
+      rows_forward(x + t.offset, out + t.offset, t.count, C, coef + t.b * C, BC, act);
     }
   });
 }
 
 // ---- backward ----------------------------------------------------------------------------
 
+// A channel's backward coefficients as vectors: broadcast (one channel) or per lane (a row).
+struct GradCoefs {
+  fVec shift, mean, rstd, weight, bias, v, t;
+};
+
+GradCoefs broadcast(const float* k, bool with_vt) {
+  return {fVec(k[kShift]), fVec(k[kMean]), fVec(k[kRstd]), fVec(k[kWeight]), fVec(k[kBias]),
+          fVec(with_vt ? k[kV] : 0.f), fVec(with_vt ? k[kT] : 0.f)};
+}
+
 // dz (the gradient reaching the pre-activation z) and xhat, for a vector of x and dy.
 struct GradTerms {
   fVec dz, xhat;
 };
 
-inline GradTerms grad_terms(const fVec& x, const fVec& dy, const fVec& alpha,
-                                  const fVec& beta, const fVec& p, const fVec& q, bool act) {
-  const fVec xhat = at::vec::fmadd(x, p, q);
+inline GradTerms grad_terms(const fVec& x, const fVec& dy, const GradCoefs& k, bool act) {
+  const fVec xhat = ((x + k.shift) - k.mean) * k.rstd;
   if (!act) {
     return {dy, xhat};
   }
-  const fVec z = at::vec::fmadd(x, alpha, beta);
+  const fVec z = at::vec::fmadd(xhat, k.weight, k.bias);
   const fVec one(1.f);
   const fVec s = one / (one + z.neg().exp());
   return {dy * s * at::vec::fmadd(z, one - s, one), xhat};
 }
 
-// Sums of dz, dz*xhat and xhat over n contiguous values of one channel; sums: 3 floats.
+// The same for one value; k: the channel's kBackwardCoefs coefficients, `stride` apart.
+inline std::pair<float, float> grad_terms(float x, float dy, const float* k, int64_t stride,
+                                          bool act) {
+  const float xhat = centered(x, k[kShift * stride], k[kMean * stride]) * k[kRstd * stride];
+  const float z = xhat * k[kWeight * stride] + k[kBias * stride];
+  return {activation_grad(z, dy, act), xhat};
+}
+
+// Sums of dz, dz*xhat and xhat over n contiguous values of one channel into sums[kSums].
 template <typename T>
 void run_sums(const T* x, const T* dy, int64_t n, const float* k, bool act, float* sums) {
   using L = Lanes<T>;
-  const fVec alpha(k[kAlpha]), beta(k[kBeta]), p(k[kP]), q(k[kQ]);
+  const GradCoefs coefs = broadcast(k, /*with_vt=*/false);
   fVec dz_sum(0.f), dzx_sum(0.f), x_sum(0.f);
   const int64_t vector_end = n - n % L::kSize;
   for (int64_t i = 0; i < vector_end; i += L::kSize) {
     const L value = L::load(x + i), grad = L::load(dy + i);
     for (int j = 0; j < L::kVecs; ++j) {
-      const auto g = grad_terms(value.v[j], grad.v[j], alpha, beta, p, q, act);
+      const GradTerms g = grad_terms(value.v[j], grad.v[j], coefs, act);
       dz_sum = dz_sum + g.dz;
       dzx_sum = at::vec::fmadd(g.dz, g.xhat, dzx_sum);
       x_sum = x_sum + g.xhat;
@@ -303,26 +341,22 @@ void run_sums(const T* x, const T* dy, int64_t n, const float* k, bool act, floa
   sums[kSumDzXhat] = cpu::horizontal_sum(dzx_sum);
   sums[kSumXhat] = cpu::horizontal_sum(x_sum);
   for (int64_t i = vector_end; i < n; ++i) {
-    const float value = static_cast<float>(x[i]);
-    const float xhat = k[kP] * value + k[kQ];
-    const float dz = activation_grad(k[kAlpha] * value + k[kBeta], static_cast<float>(dy[i]), act);
+    const auto [dz, xhat] =
+        grad_terms(static_cast<float>(x[i]), static_cast<float>(dy[i]), k, 1, act);
     sums[kSumDz] += dz;
     sums[kSumDzXhat] += dz * xhat;
     sums[kSumXhat] += xhat;
   }
 }
 
-// The same sums per channel over `rows` rows of C values. table: (kSumPassCoefs, B, C) at
-// sample b; sums: kSums arrays of C floats, `stride` apart, starting at zero.
+// The same sums per channel over `rows` rows of C values. table: the backward table at sample b;
+// sums: kSums arrays of C floats, `stride` apart, starting at zero.
 template <typename T>
 void rows_sums(const T* x, const T* dy, int64_t rows, int64_t channels, const float* table,
                int64_t table_stride, bool act, float* sums, int64_t stride) {
   using L = Lanes<T>;
+  const RowCoefs<kBackwardCoefs> k(table, table_stride);
   const int64_t vector_end = channels - channels % L::kSize;
-  const float* coef[kSumPassCoefs];
-  for (int k = 0; k < kSumPassCoefs; ++k) {
-    coef[k] = table + k * table_stride;
-  }
   float* dz_sum = sums + kSumDz * stride;
   float* dzx_sum = sums + kSumDzXhat * stride;
   float* x_sum = sums + kSumXhat * stride;
@@ -331,13 +365,15 @@ void rows_sums(const T* x, const T* dy, int64_t rows, int64_t channels, const fl
     const T* grad_in = dy + row * channels;
     for (int64_t c = 0; c < vector_end; c += L::kSize) {
       const L value = L::load(in + c), grad = L::load(grad_in + c);
-      const L alpha = L::load_float(coef[kAlpha] + c), beta = L::load_float(coef[kBeta] + c);
-      const L p = L::load_float(coef[kP] + c), q = L::load_float(coef[kQ] + c);
+      const L shift = k.load<L>(kShift, c), mean = k.load<L>(kMean, c);
+      const L rstd = k.load<L>(kRstd, c), weight = k.load<L>(kWeight, c);
+      const L bias = k.load<L>(kBias, c);
       L s_dz = L::load_float(dz_sum + c), s_dzx = L::load_float(dzx_sum + c);
       L s_x = L::load_float(x_sum + c);
       for (int j = 0; j < L::kVecs; ++j) {
-        const auto g =
-            grad_terms(value.v[j], grad.v[j], alpha.v[j], beta.v[j], p.v[j], q.v[j], act);
+        const GradCoefs coefs{shift.v[j], mean.v[j], rstd.v[j], weight.v[j], bias.v[j],
+                              fVec(0.f), fVec(0.f)};
+        const GradTerms g = grad_terms(value.v[j], grad.v[j], coefs, act);
         s_dz.v[j] = s_dz.v[j] + g.dz;
         s_dzx.v[j] = at::vec::fmadd(g.dz, g.xhat, s_dzx.v[j]);
         s_x.v[j] = s_x.v[j] + g.xhat;
@@ -347,10 +383,8 @@ void rows_sums(const T* x, const T* dy, int64_t rows, int64_t channels, const fl
       s_x.store_float(x_sum + c);
     }
     for (int64_t c = vector_end; c < channels; ++c) {
-      const float value = static_cast<float>(in[c]);
-      const float xhat = coef[kP][c] * value + coef[kQ][c];
-      const float dz = activation_grad(coef[kAlpha][c] * value + coef[kBeta][c],
-                                       static_cast<float>(grad_in[c]), act);
+      const auto [dz, xhat] = grad_terms(static_cast<float>(in[c]), static_cast<float>(grad_in[c]),
+                                         table + c, table_stride, act);
       dz_sum[c] += dz;
       dzx_sum[c] += dz * xhat;
       x_sum[c] += xhat;
@@ -358,84 +392,81 @@ void rows_sums(const T* x, const T* dy, int64_t rows, int64_t channels, const fl
   }
 }
 
-// dx = u*dz + v*x + t over n contiguous values; k: the five coefficients of the channel.
+// dx = rstd*w*dz + v*xhat + t over n contiguous values; k: the channel's coefficients.
 template <typename T>
 void run_grad(const T* x, const T* dy, T* dx, int64_t n, const float* k, bool act) {
   using L = Lanes<T>;
-  const fVec alpha(k[kAlpha]), beta(k[kBeta]), u(k[kU]), v(k[kV]), t(k[kT]);
-  const fVec unused(0.f);
+  const GradCoefs coefs = broadcast(k, /*with_vt=*/true);
+  const fVec u = coefs.rstd * coefs.weight;
   const int64_t vector_end = n - n % L::kSize;
   for (int64_t i = 0; i < vector_end; i += L::kSize) {
     const L value = L::load(x + i), grad = L::load(dy + i);
     L out;
     for (int j = 0; j < L::kVecs; ++j) {
-      const fVec dz = grad_terms(value.v[j], grad.v[j], alpha, beta, unused, unused, act).dz;
-      out.v[j] = at::vec::fmadd(u, dz, at::vec::fmadd(v, value.v[j], t));
+      const GradTerms g = grad_terms(value.v[j], grad.v[j], coefs, act);
+      out.v[j] = at::vec::fmadd(u, g.dz, at::vec::fmadd(coefs.v, g.xhat, coefs.t));
     }
     out.store(dx + i);
   }
   for (int64_t i = vector_end; i < n; ++i) {
-    const float value = static_cast<float>(x[i]);
-    const float dz = activation_grad(k[kAlpha] * value + k[kBeta], static_cast<float>(dy[i]), act);
-    dx[i] = static_cast<T>(k[kU] * dz + k[kV] * value + k[kT]);
+    const auto [dz, xhat] =
+        grad_terms(static_cast<float>(x[i]), static_cast<float>(dy[i]), k, 1, act);
+    dx[i] = static_cast<T>(k[kRstd] * k[kWeight] * dz + k[kV] * xhat + k[kT]);
   }
 }
 
-// The same over `rows` rows of C values; table: (kGradPassCoefs, B, C) at sample b.
+// The same over `rows` rows of C values; table: the backward table at sample b.
 template <typename T>
 void rows_grad(const T* x, const T* dy, T* dx, int64_t rows, int64_t channels, const float* table,
                int64_t table_stride, bool act) {
   using L = Lanes<T>;
+  const RowCoefs<kBackwardCoefs> k(table, table_stride);
   const int64_t vector_end = channels - channels % L::kSize;
-  const float* coef[kGradPassCoefs];
-  for (int k = 0; k < kGradPassCoefs; ++k) {
-    coef[k] = table + k * table_stride;
-  }
-  const fVec unused(0.f);
   for (int64_t row = 0; row < rows; ++row) {
     const T* in = x + row * channels;
     const T* grad_in = dy + row * channels;
     T* out = dx + row * channels;
     for (int64_t c = 0; c < vector_end; c += L::kSize) {
       const L value = L::load(in + c), grad = L::load(grad_in + c);
-      const L alpha = L::load_float(coef[kAlpha] + c), beta = L::load_float(coef[kBeta] + c);
-      const L u = L::load_float(coef[kU] + c), v = L::load_float(coef[kV] + c);
-      const L t = L::load_float(coef[kT] + c);
+      const L shift = k.load<L>(kShift, c), mean = k.load<L>(kMean, c);
+      const L rstd = k.load<L>(kRstd, c), weight = k.load<L>(kWeight, c);
+      const L bias = k.load<L>(kBias, c), v = k.load<L>(kV, c), t = k.load<L>(kT, c);
       L result;
       for (int j = 0; j < L::kVecs; ++j) {
-        const fVec dz =
-            grad_terms(value.v[j], grad.v[j], alpha.v[j], beta.v[j], unused, unused, act).dz;
-        result.v[j] = at::vec::fmadd(u.v[j], dz, at::vec::fmadd(v.v[j], value.v[j], t.v[j]));
+        const GradCoefs coefs{shift.v[j], mean.v[j], rstd.v[j], weight.v[j], bias.v[j], v.v[j],
+                              t.v[j]};
+        const GradTerms g = grad_terms(value.v[j], grad.v[j], coefs, act);
+        result.v[j] = at::vec::fmadd(rstd.v[j] * weight.v[j], g.dz,
+                                     at::vec::fmadd(v.v[j], g.xhat, t.v[j]));
       }
       result.store(out + c);
     }
     for (int64_t c = vector_end; c < channels; ++c) {
-      const float value = static_cast<float>(in[c]);
-      const float dz = activation_grad(coef[kAlpha][c] * value + coef[kBeta][c],
-                                       static_cast<float>(grad_in[c]), act);
-      out[c] = static_cast<T>(coef[kU][c] * dz + coef[kV][c] * value + coef[kT][c]);
+      const auto [dz, xhat] = grad_terms(static_cast<float>(in[c]), static_cast<float>(grad_in[c]),
+                                         table + c, table_stride, act);
+      out[c] = static_cast<T>(k.at(kRstd, c) * k.at(kWeight, c) * dz + k.at(kV, c) * xhat +
+                              k.at(kT, c));
     }
   }
 }
 
-// The sum pass's table (kSumPassCoefs, B, C) from the forward statistics.
-void sum_pass_table(const Problem& p, const float* mean, const float* rstd, float* table) {
+// The backward table's per-(b, c) coefficients known from the forward statistics.
+void backward_table(const Problem& p, const float* mean, const float* rstd, float* table) {
   const int64_t C = p.channels, BC = p.batch * C, D = p.channels_per_group();
   for (int64_t b = 0; b < p.batch; ++b) {
     for (int64_t c = 0; c < C; ++c) {
       const int64_t bg = b * p.groups + c / D, bc = b * C + c;
-      const float q = (param_or(p.shift, bc, 0.f) - mean[bg]) * rstd[bg];
-      table[kAlpha * BC + bc] = rstd[bg] * param_or(p.weight, c, 1.f);
-      table[kBeta * BC + bc] = q * param_or(p.weight, c, 1.f) + param_or(p.bias, c, 0.f);
-      table[kP * BC + bc] = rstd[bg];
-      table[kQ * BC + bc] = q;
+      table[kShift * BC + bc] = param_or(p.shift, bc, 0.f);
+      table[kMean * BC + bc] = mean[bg];
+      table[kRstd * BC + bc] = rstd[bg];
+      table[kWeight * BC + bc] = param_or(p.weight, c, 1.f);
+      table[kBias * BC + bc] = param_or(p.bias, c, 0.f);
     }
   }
 }
 
-// From the per-chunk sums: the gradient pass's table and the parameter gradients (float32).
-void finalize_backward(const Problem& p, const Tiling& tiling, const float* partial,
-                       const float* rstd, const float* sum_table, float* grad_table,
+// From the per-chunk sums: the table's v and t, and the parameter gradients (float32).
+void finalize_backward(const Problem& p, const Tiling& tiling, const float* partial, float* table,
                        float* grad_weight, float* grad_bias, float* grad_shift) {
   const int64_t C = p.channels, BC = p.batch * C, D = p.channels_per_group();
   const int64_t components = p.batch * tiling.num_chunks * C;
@@ -452,22 +483,17 @@ void finalize_backward(const Problem& p, const Tiling& tiling, const float* part
             totals[s * BC + bc] += partial[s * components + i];
           }
         }
-        const float w = param_or(p.weight, c, 1.f);
-        weighted_dzx += w * totals[kSumDzXhat * BC + bc];
-        weighted_dz += w * totals[kSumDz * BC + bc];
+        weighted_dzx += table[kWeight * BC + bc] * totals[kSumDzXhat * BC + bc];
+        weighted_dz += table[kWeight * BC + bc] * totals[kSumDz * BC + bc];
       }
-      const float r = rstd[b * p.groups + g];
-      const float a = weighted_dzx / count, mean_dz = weighted_dz / count;
+      const float r = table[kRstd * BC + b * C + g * D];
+      const float v = -r * (weighted_dzx / count), t = -r * (weighted_dz / count);
       for (int64_t c = g * D; c < (g + 1) * D; ++c) {
         const int64_t bc = b * C + c;
-        const float u = r * param_or(p.weight, c, 1.f);
-        grad_table[kAlpha * BC + bc] = sum_table[kAlpha * BC + bc];
-        grad_table[kBeta * BC + bc] = sum_table[kBeta * BC + bc];
-        grad_table[kU * BC + bc] = u;
-        grad_table[kV * BC + bc] = -r * a * sum_table[kP * BC + bc];
-        grad_table[kT * BC + bc] = -r * (a * sum_table[kQ * BC + bc] + mean_dz);
-        grad_shift[bc] = u * totals[kSumDz * BC + bc] - r * a * totals[kSumXhat * BC + bc] -
-                         static_cast<float>(p.spatial) * r * mean_dz;
+        table[kV * BC + bc] = v;
+        table[kT * BC + bc] = t;
+        grad_shift[bc] = r * table[kWeight * BC + bc] * totals[kSumDz * BC + bc] +
+                         v * totals[kSumXhat * BC + bc] + static_cast<float>(p.spatial) * t;
       }
     }
   }
@@ -489,22 +515,25 @@ void backward(const Problem& p, const at::Tensor& grad_y, const at::Tensor& mean
   const Tiling tiling = tiling_of(p);
   const int64_t C = p.channels, BC = p.batch * C;
   const auto options = p.x.options().dtype(at::kFloat);
-  auto sum_table = at::empty({kSumPassCoefs, p.batch, C}, options);
-  sum_pass_table(p, mean.data_ptr<float>(), rstd.data_ptr<float>(), sum_table.data_ptr<float>());
+  auto table_tensor = at::empty({kBackwardCoefs, p.batch, C}, options);
+  float* table = table_tensor.data_ptr<float>();
+  backward_table(p, mean.data_ptr<float>(), rstd.data_ptr<float>(), table);
 
   auto partial = at::zeros({kSums, p.batch, tiling.num_chunks, C}, options);
   const int64_t components = partial.numel() / kSums;
   float* part = partial.data_ptr<float>();
-  const float* table = sum_table.data_ptr<float>();
   const T* x = p.x.data_ptr<T>();
   const T* dy = grad_y.data_ptr<T>();
+  const auto channel_coefs = [&](const Task& t, float (&k)[kBackwardCoefs]) {
+    for (int j = 0; j < kBackwardCoefs; ++j) {
+      k[j] = table[j * BC + t.b * C + t.c];
+    }
+  };
   parallel_tasks(p, tiling, [&](const Task& t) {
     const int64_t i = partial_index(p, tiling, t.b, t.k, t.c);
     if (p.layout == Layout::kChannelsFirst) {
-      float k[kSumPassCoefs], sums[kSums];
-      for (int j = 0; j < kSumPassCoefs; ++j) {
-        k[j] = table[j * BC + t.b * C + t.c];
-      }
+      float k[kBackwardCoefs], sums[kSums];
+      channel_coefs(t, k);
       run_sums(x + t.offset, dy + t.offset, t.count, k, act, sums);
       for (int s = 0; s < kSums; ++s) {
         part[s * components + i] = sums[s];
@@ -515,22 +544,17 @@ void backward(const Problem& p, const at::Tensor& grad_y, const at::Tensor& mean
     }
   });
 
-  auto grad_table = at::empty({kGradPassCoefs, p.batch, C}, options);
-  finalize_backward(p, tiling, part, rstd.data_ptr<float>(), table, grad_table.data_ptr<float>(),
-                    grad_weight.data_ptr<float>(), grad_bias.data_ptr<float>(),
-                    grad_shift.data_ptr<float>());
+  finalize_backward(p, tiling, part, table, grad_weight.data_ptr<float>(),
+                    grad_bias.data_ptr<float>(), grad_shift.data_ptr<float>());
 
-  const float* coef = grad_table.data_ptr<float>();
   T* dx = grad_x.data_ptr<T>();
   parallel_tasks(p, tiling, [&](const Task& t) {
     if (p.layout == Layout::kChannelsFirst) {
-      float k[kGradPassCoefs];
-      for (int j = 0; j < kGradPassCoefs; ++j) {
-        k[j] = coef[j * BC + t.b * C + t.c];
-      }
+      float k[kBackwardCoefs];
+      channel_coefs(t, k);
       run_grad(x + t.offset, dy + t.offset, dx + t.offset, t.count, k, act);
     } else {
-      rows_grad(x + t.offset, dy + t.offset, dx + t.offset, t.count, C, coef + t.b * C, BC, act);
+      rows_grad(x + t.offset, dy + t.offset, dx + t.offset, t.count, C, table + t.b * C, BC, act);
     }
   });
 }

@@ -1,15 +1,18 @@
 // groupnorm_silu's scalar formulas, shared by the CPU and CUDA kernels (host and device code).
 //
 // Per (sample b, group g): mean mu and rstd r = 1/sqrt(var + eps) of h = x + shift over the
-// group's channels and positions (biased variance, float32). Everything after the statistics is
-// an affine map per (b, c), so the kernels read per-(b, c) float32 coefficient tables:
-//   forward   z = alpha*x + beta        alpha = r*w_c, beta = b_c + (shift_bc - mu)*alpha
+// group's channels and positions (biased variance, float32). The kernels then read per-(b, c)
+// float32 coefficient tables. Every pass first forms h - mu = (x + shift) - mu per element, as the
+// reference does: folding shift and mu into one affine map of x would lose the digits that
+// survive the cancellation when rstd is large (groups of a few, nearly equal values).
+//   forward   z = (h - mu)*alpha + beta     alpha = r*w_c, beta = b_c
 //             y = act ? z*sigmoid(z) : z
-//   backward  xhat = p*x + q            p = r, q = (shift_bc - mu)*r
-//             dz = act ? dy*silu'(z) : dy
-//             per (b, c) sums of dz, dz*xhat and xhat over positions, then per (b, g)
-//             A = mean over the group of w_c*dz*xhat, B = mean of w_c*dz, and
-//             dx = u*dz + v*x + t       u = r*w_c, v = -r*A*p, t = -r*(A*q + B)
+//   backward  xhat = (h - mu)*r, z = xhat*w_c + b_c, dz = act ? dy*silu'(z) : dy
+//             sums per (b, c) over positions of dz, dz*xhat and xhat; per (b, g)
+//             A = mean over the group of w_c*dz*xhat, B = mean of w_c*dz; then
+//             dx = r*w_c*dz + v*xhat + t       v = -r*A, t = -r*B
+//             grad_shift = sum of dx over positions, grad_weight = sum of dz*xhat,
+//             grad_bias = sum of dz (over samples and positions)
 #pragma once
 
 #include <cmath>
@@ -21,6 +24,9 @@ namespace sr3fast::groupnorm_silu {
 C10_HOST_DEVICE inline float sigmoid(float z) { return 1.f / (1.f + ::expf(-z)); }
 
 C10_HOST_DEVICE inline float activate(float z, bool act) { return act ? z * sigmoid(z) : z; }
+
+// h - mu, rounded as the reference rounds it.
+C10_HOST_DEVICE inline float centered(float x, float shift, float mean) { return (x + shift) - mean; }
 
 // d/dz of activate(z), times dy.
 C10_HOST_DEVICE inline float activation_grad(float z, float dy, bool act) {
@@ -57,10 +63,12 @@ struct Moments {
 };
 
 // Coefficient tables are float32 (K, B, C): coefficient k of (b, c) at [(k*B + b)*C + c].
-enum ForwardCoef { kAlpha = 0, kBeta = 1, kForwardCoefs = 2 };
-// The backward's sum pass reads (alpha, beta, p, q), its gradient pass (alpha, beta, u, v, t).
-enum SumPassCoef { kP = 2, kQ = 3, kSumPassCoefs = 4 };
-enum GradPassCoef { kU = 2, kV = 3, kT = 4, kGradPassCoefs = 5 };
+// Forward: z = (x + shift - mean)*alpha + beta.
+enum ForwardCoef { kShift = 0, kMean = 1, kAlpha = 2, kBeta = 3, kForwardCoefs = 4 };
+// Backward: kShift and kMean as above, then rstd, weight, bias, and v, t once the sums are known.
+// The sum pass reads the first kSumCoefs of them.
+enum BackwardCoef { kRstd = 2, kWeight = 3, kBias = 4, kSumCoefs = 5, kV = 5, kT = 6,
+                    kBackwardCoefs = 7 };
 // Per (b, chunk, c) partial sums of the backward's first pass, float32 (kSums, B, chunks, C).
 enum BackwardSum { kSumDz = 0, kSumDzXhat = 1, kSumXhat = 2, kSums = 3 };
 

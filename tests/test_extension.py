@@ -1,0 +1,411 @@
+"""The compiled extension sr3fast._C (csrc/): its ops against sr3fast.reference, their PyTorch 2
+registration (opcheck, autograd, fake kernels), the backend dispatch, and the CMake build.
+
+CPU tests run everywhere the extension is built; CUDA tests need a GPU and a CUDA build.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+pytest.importorskip("sr3fast._C", reason="the extension sr3fast._C is not built "
+                    "(python setup.py build_ext --inplace)")
+
+import sr3fast  # noqa: E402
+from sr3fast import backends, reference  # noqa: E402
+from sr3fast.ops.extension import has_cuda_kernels  # noqa: E402
+from sr3fast.ops.extension.groupnorm_silu import groupnorm_silu  # noqa: E402
+from sr3fast.ops.extension.reverse_step import reverse_step  # noqa: E402
+
+from support import assert_within_baseline, fp32_atol, report  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+_CUDA_REASON = ("no CUDA device" if not torch.cuda.is_available() else
+                "sr3fast._C was built without CUDA kernels")
+DEVICES = [
+    pytest.param("cpu", id="cpu"),
+    pytest.param("cuda", id="cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
+        not (torch.cuda.is_available() and has_cuda_kernels()), reason=_CUDA_REASON)]),
+]
+cuda_only = pytest.mark.skipif(not (torch.cuda.is_available() and has_cuda_kernels()),
+                               reason=_CUDA_REASON)
+
+# DESIGN.md's edge cases: (batch, channels, spatial, groups)
+SHAPES = {
+    "1x1": (2, 8, (1, 1), 4),
+    "odd_hw": (2, 12, (7, 5), 3),
+    "groups_eq_channels": (2, 16, (5, 5), 16),
+    "C3": (2, 3, (9, 9), 1),
+    "batch1": (1, 64, (32, 32), 32),
+    "batch16": (16, 32, (8, 8), 8),
+    "multi_chunk": (2, 8, (72, 72), 2),  # groups spread over several chunks (tasks / blocks)
+}
+# (affine, shift, act): the default SR3 use, and each feature off
+OPTIONS = {
+    "all": (True, True, True),
+    "no_shift": (True, False, True),
+    "no_act": (True, True, False),
+    "no_affine": (False, True, True),
+    "plain_groupnorm": (False, False, False),
+}
+
+
+def make_inputs(shape_id, options_id, device, dtype=torch.float32, channels_last=False, seed=0):
+    batch, channels, spatial, groups = SHAPES[shape_id]
+    affine, with_shift, act = OPTIONS[options_id]
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, channels, *spatial, generator=gen) * 1.5 + 0.3
+    weight = 1 + 0.5 * torch.randn(channels, generator=gen) if affine else None
+    bias = 0.5 * torch.randn(channels, generator=gen) if affine else None
+    shift = torch.randn(batch, channels, generator=gen) if with_shift else None
+    grad_y = torch.randn(x.shape, generator=gen)
+
+    def to(t):
+        return None if t is None else t.to(device=device, dtype=dtype)
+
+    x, grad_y = to(x), to(grad_y)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+        grad_y = grad_y.contiguous(memory_format=torch.channels_last)
+    return dict(x=x, num_groups=groups, weight=to(weight), bias=to(bias), shift=to(shift),
+                act=act), grad_y
+
+
+def call(fn, inputs, grad_y=None, upcast=False):
+    """fn's output and, if grad_y is given, the gradients of every tensor input (None where absent)."""
+    names = ("x", "weight", "bias", "shift")
+    tensors = {n: inputs[n] for n in names}
+    if upcast:
+        tensors = {n: None if t is None else t.float() for n, t in tensors.items()}
+    leaves = {n: None if t is None else t.detach().requires_grad_(grad_y is not None)
+              for n, t in tensors.items()}
+    y = fn(leaves["x"], inputs["num_groups"], leaves["weight"], leaves["bias"], 1e-5,
+           leaves["shift"], inputs["act"])
+    if grad_y is None:
+        return y.detach(), {}
+    present = [n for n in names if leaves[n] is not None]
+    grads = torch.autograd.grad(y, [leaves[n] for n in present], grad_y.to(y.dtype))
+    return y.detach(), dict(zip(present, grads))
+
+
+def torch_groupnorm_silu(x, num_groups, weight, bias, eps, shift, act):
+    """Plain PyTorch in x's dtype: the baseline of DESIGN.md's reduced-precision rule."""
+    h = x if shift is None else x + shift.reshape(*shift.shape, *([1] * (x.dim() - 2)))
+    y = F.group_norm(h, num_groups, weight, bias, eps)
+    return F.silu(y) if act else y
+
+
+def normalization_scale(inputs):
+    """max over elements of rstd * |x + shift|: how much the normalisation magnifies relative
+    rounding errors in its input (1 for data of unit scale, large for near-constant groups)."""
+    x = inputs["x"].float()
+    batch, channels = x.shape[:2]
+    h = x if inputs["shift"] is None else x + inputs["shift"].float().reshape(
+        batch, channels, *([1] * (x.dim() - 2)))
+    grouped = h.reshape(batch, inputs["num_groups"], -1)
+    rstd = torch.rsqrt(grouped.var(dim=-1, unbiased=False, keepdim=True) + 1e-5)
+    return max(1.0, (rstd * grouped.abs()).max().item())
+
+
+def group_size(inputs):
+    x = inputs["x"]
+    return x[0].numel() // inputs["num_groups"]
+
+
+# ---- registration ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+@pytest.mark.parametrize("options_id", ["all", "plain_groupnorm"])
+def test_opcheck_groupnorm_silu(device, channels_last, options_id):
+    inputs, grad_y = make_inputs("odd_hw", options_id, device, channels_last=channels_last)
+    args = [inputs["x"].requires_grad_(), inputs["num_groups"], inputs["weight"], inputs["bias"],
+            1e-5, inputs["shift"], inputs["act"]]
+    torch.library.opcheck(torch.ops.sr3fast.groupnorm_silu.default, args)
+    _, mean, rstd = torch.ops.sr3fast.groupnorm_silu(*args)
+    backward_args = [grad_y, inputs["x"].detach(), mean, rstd, inputs["num_groups"],
+                     inputs["weight"], inputs["bias"], inputs["shift"], inputs["act"]]
+    torch.library.opcheck(torch.ops.sr3fast.groupnorm_silu_backward.default, backward_args)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+def test_opcheck_reverse_step(device, channels_last):
+    y_t, eps, coefs, noise = step_inputs(device, channels_last=channels_last)
+    torch.library.opcheck(torch.ops.sr3fast.reverse_step.default, (y_t, eps, coefs, noise, 1.0))
+    # Drawn noise differs between calls, so only the checks that do not compare two runs' values.
+    torch.library.opcheck(torch.ops.sr3fast.reverse_step.default, (y_t, eps, coefs),
+                          test_utils=("test_schema", "test_faketensor"))
+
+
+def test_torch_compile_traces_the_ops_without_graph_breaks():
+    inputs, _ = make_inputs("odd_hw", "all", "cpu")
+    y_t, eps, coefs, noise = step_inputs("cpu")
+
+    def both(x, weight, bias, shift, y_t, eps, coefs, noise):
+        h = groupnorm_silu(x, inputs["num_groups"], weight, bias, 1e-5, shift, True)
+        return h, reverse_step(y_t, eps, coefs, noise, 1.0)
+
+    args = (inputs["x"], inputs["weight"], inputs["bias"], inputs["shift"], y_t, eps, coefs, noise)
+    compiled = torch.compile(both, backend="aot_eager", fullgraph=True, dynamic=False)
+    for got, want in zip(compiled(*args), both(*args)):
+        assert torch.equal(got, want)
+
+
+# ---- groupnorm_silu against the reference ----------------------------------------------------
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+@pytest.mark.parametrize("options_id", list(OPTIONS))
+@pytest.mark.parametrize("shape_id", list(SHAPES))
+def test_groupnorm_silu_fp32_matches_reference(shape_id, options_id, channels_last, device):
+    """DESIGN.md's rule at float32: against float64 maths, the error is at most twice that of the
+    float32 reference, plus the summation-order allowance on values of the result's size.
+    (A fixed tolerance cannot serve: in groups of a few elements the gradients are tiny
+    differences of large terms, and any float32 computation of them is inexact.)"""
+    inputs, grad_y = make_inputs(shape_id, options_id, device, channels_last=channels_last)
+    y, grads = call(groupnorm_silu, inputs, grad_y)
+    y_ref, grads_ref = call(reference.groupnorm_silu, inputs, grad_y)
+    inputs64 = {k: v.double() if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
+    y_64, grads_64 = call(torch_groupnorm_silu, inputs64, grad_y.double())
+    assert y.shape == y_ref.shape and y.dtype == torch.float32
+    if channels_last:
+        assert y.stride() == inputs["x"].stride(), "the output keeps the input's layout"
+    reductions = max(group_size(inputs), inputs["x"].shape[0] * inputs["x"][0, 0].numel())
+    assert_within_baseline("y", y, y_64, y_ref, fp32_atol(group_size(inputs), y_64.abs().max().item()))
+    assert set(grads) == set(grads_ref)
+    for name, grad in grads.items():
+        assert grad.dtype == torch.float32 and grad.shape == grads_ref[name].shape, name
+        atol = fp32_atol(reductions, grads_64[name].abs().max().item())
+        assert_within_baseline(f"grad_{name}", grad, grads_64[name], grads_ref[name], atol)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+@pytest.mark.parametrize("options_id", ["all", "no_shift", "plain_groupnorm"])
+@pytest.mark.parametrize("shape_id", list(SHAPES))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_groupnorm_silu_reduced_precision(dtype, shape_id, options_id, channels_last, device):
+    """DESIGN.md's rule: error vs the fp32 reference <= 2 x that of plain PyTorch in the same
+    dtype (+ the fp32 allowance of the test above)."""
+    inputs, grad_y = make_inputs(shape_id, options_id, device, dtype, channels_last)
+    y, grads = call(groupnorm_silu, inputs, grad_y)
+    y_ref, grads_ref = call(reference.groupnorm_silu, inputs, grad_y, upcast=True)
+    y_base, grads_base = call(torch_groupnorm_silu, inputs, grad_y)
+    assert y.dtype == dtype
+    scale = normalization_scale(inputs)
+    atol = fp32_atol(group_size(inputs), scale * y_ref.abs().max().item())
+    assert_within_baseline("y", y, y_ref, y_base, atol)
+    for name, grad in grads.items():
+        assert grad.dtype == dtype, name
+        atol = fp32_atol(inputs["x"].shape[0] * group_size(inputs),
+                         scale * grads_ref[name].abs().max().item())
+        assert_within_baseline(f"grad_{name}", grad, grads_ref[name], grads_base[name], atol)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_groupnorm_silu_mixed_parameter_dtypes(device):
+    """bf16 activations with float32 parameters (autocast) and with parameters of mixed dtypes."""
+    inputs, _ = make_inputs("odd_hw", "all", device, torch.bfloat16)
+    y_ref, _ = call(reference.groupnorm_silu, inputs, upcast=True)
+    y_base, _ = call(torch_groupnorm_silu, inputs)
+    for name in ("weight", "shift"):
+        mixed = dict(inputs, **{name: inputs[name].float()})
+        y, _ = call(groupnorm_silu, mixed)
+        assert_within_baseline(f"fp32 {name}", y, y_ref, y_base, 1e-6)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_groupnorm_silu_reads_other_layouts_as_contiguous(device):
+    inputs, _ = make_inputs("odd_hw", "all", device)
+    x = inputs["x"].transpose(2, 3)  # neither contiguous nor channels-last
+    y = groupnorm_silu(x, inputs["num_groups"], inputs["weight"], inputs["bias"], 1e-5,
+                       inputs["shift"], True)
+    y_ref = reference.groupnorm_silu(x, inputs["num_groups"], inputs["weight"], inputs["bias"],
+                                     1e-5, inputs["shift"], True)
+    assert y.is_contiguous()
+    max_err, _ = report("y", y, y_ref)
+    assert max_err <= fp32_atol(group_size(inputs), 8.0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_groupnorm_silu_statistics_are_float32(device):
+    inputs, _ = make_inputs("batch16", "all", device, torch.bfloat16)
+    _, mean, rstd = torch.ops.sr3fast.groupnorm_silu(
+        inputs["x"], inputs["num_groups"], inputs["weight"], inputs["bias"], 1e-5, inputs["shift"])
+    assert mean.dtype == rstd.dtype == torch.float32
+    h = (inputs["x"].float() + inputs["shift"].float()[:, :, None, None])
+    grouped = h.reshape(h.shape[0], inputs["num_groups"], -1)
+    report("mean", mean, grouped.mean(-1))
+    assert torch.allclose(mean, grouped.mean(-1), rtol=0, atol=fp32_atol(grouped.shape[-1], 8.0))
+    want_rstd = torch.rsqrt(grouped.var(-1, unbiased=False) + 1e-5)
+    report("rstd", rstd, want_rstd)
+    assert torch.allclose(rstd, want_rstd, rtol=fp32_atol(grouped.shape[-1], 8.0), atol=0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_groupnorm_silu_errors_say_what_is_wrong(device):
+    x = torch.randn(2, 6, 4, 4, device=device)
+    with pytest.raises(RuntimeError, match="num_groups=4 must divide the 6 channels"):
+        torch.ops.sr3fast.groupnorm_silu(x, 4)
+    with pytest.raises(RuntimeError, match="float32, bfloat16 or float16"):
+        torch.ops.sr3fast.groupnorm_silu(x.double(), 3)
+    with pytest.raises(RuntimeError, match=r"shift must have shape \[2, 6\]"):
+        torch.ops.sr3fast.groupnorm_silu(x, 3, shift=torch.zeros(6, device=device))
+
+
+# ---- reverse_step ----------------------------------------------------------------------------
+
+def step_inputs(device, dtype=torch.float32, shape=(3, 3, 9, 7), channels_last=False, seed=0,
+                sigma=0.3):
+    gen = torch.Generator().manual_seed(seed)
+    y_t = torch.randn(shape, generator=gen)
+    eps = torch.randn(shape, generator=gen)
+    noise = torch.randn(shape, generator=gen)
+    batch = shape[0]
+    coefs = torch.stack([1 + torch.rand(batch, generator=gen), torch.rand(batch, generator=gen),
+                         torch.rand(batch, generator=gen), torch.rand(batch, generator=gen),
+                         torch.full((batch,), sigma)], dim=1)
+    y_t, eps, noise = (t.to(device, dtype) for t in (y_t, eps, noise))
+    if channels_last:
+        y_t, eps, noise = (t.contiguous(memory_format=torch.channels_last) for t in (y_t, eps, noise))
+    return y_t, eps, coefs.to(device), noise
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("clip", [None, 1.0], ids=["no_clip", "clip"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16],
+                         ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("shape", [(3, 3, 9, 7), (2, 4, 16, 16), (1, 1, 1, 1)],
+                         ids=["odd", "aligned", "1x1"])
+def test_reverse_step_with_given_noise_is_exact(shape, dtype, channels_last, clip, device):
+    """Same float32 operations in the same order as the reference: equal bit for bit."""
+    y_t, eps, coefs, noise = step_inputs(device, dtype, shape, channels_last)
+    out = reverse_step(y_t, eps, coefs, noise, clip)
+    want = reference.reverse_step(y_t, eps, coefs, noise, clip)
+    report("reverse_step", out, want)
+    assert out.dtype == dtype and out.stride() == y_t.stride()
+    assert torch.equal(out, want)
+    if clip is not None:  # the clamp was active for some elements, or the test proves nothing
+        x0 = coefs[:, 0].reshape(-1, 1, 1, 1) * y_t.float() - coefs[:, 1].reshape(-1, 1, 1, 1) * eps.float()
+        assert (x0.abs() > clip).any()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_reverse_step_mixed_dtypes_are_exact(device):
+    y_t, eps, coefs, noise = step_inputs(device, torch.bfloat16)
+    for e, n in ((eps.float(), noise), (eps, noise.float()), (eps.float(), noise.float())):
+        assert torch.equal(reverse_step(y_t, e, coefs, n), reference.reverse_step(y_t, e, coefs, n))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_reverse_step_sigma_zero_ignores_noise(device):
+    y_t, eps, coefs, noise = step_inputs(device, sigma=0.0)
+    want = reference.reverse_step(y_t, eps, coefs, torch.zeros_like(noise))
+    assert torch.equal(reverse_step(y_t, eps, coefs), want)
+    assert torch.equal(reverse_step(y_t, eps, coefs, noise), want)
+
+
+def test_reverse_step_cpu_draws_noise_like_the_reference():
+    y_t, eps, coefs, _ = step_inputs("cpu", channels_last=True)
+    first = reverse_step(y_t, eps, coefs, generator=torch.Generator().manual_seed(7))
+    again = reverse_step(y_t, eps, coefs, generator=torch.Generator().manual_seed(7))
+    other = reverse_step(y_t, eps, coefs, generator=torch.Generator().manual_seed(8))
+    want = reference.reverse_step(y_t, eps, coefs, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(first, again) and torch.equal(first, want)
+    assert not torch.equal(first, other)
+
+
+@cuda_only
+@pytest.mark.cuda
+def test_reverse_step_cuda_draws_standard_normal_noise_reproducibly():
+    shape = (4, 3, 256, 256)
+    y_t = torch.zeros(shape, device="cuda")
+    coefs = torch.tensor([[0.0, 0.0, 0.0, 0.0, 1.0]] * shape[0], device="cuda")  # y_prev = z
+    z = reverse_step(y_t, y_t, coefs, generator=torch.Generator("cuda").manual_seed(3))
+    again = reverse_step(y_t, y_t, coefs, generator=torch.Generator("cuda").manual_seed(3))
+    assert torch.equal(z, again)
+    n = z.numel()
+    print(f"z: mean {z.mean().item():.3e}, std {z.std().item():.4f} over {n} draws")
+    assert abs(z.mean().item()) < 6 / n ** 0.5  # 6 standard errors
+    assert abs(z.std().item() - 1) < 6 * (0.5 / n) ** 0.5
+    # odd sizes and offsets take the unvectorised path but draw the same numbers per element
+    odd = reverse_step(y_t[:, :, :, 1:], y_t[:, :, :, 1:], coefs,
+                       generator=torch.Generator("cuda").manual_seed(3))
+    assert torch.isfinite(odd).all() and abs(odd.std().item() - 1) < 0.01
+
+
+@cuda_only
+@pytest.mark.cuda
+def test_reverse_step_cuda_graph_replays_draw_fresh_noise():
+    shape = (2, 3, 64, 64)
+    y_t = torch.zeros(shape, device="cuda")
+    coefs = torch.tensor([[0.0, 0.0, 0.0, 0.0, 1.0]] * shape[0], device="cuda")
+    reverse_step(y_t, y_t, coefs)  # warm-up outside capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = reverse_step(y_t, y_t, coefs)
+    draws = []
+    for _ in range(3):
+        graph.replay()
+        draws.append(out.clone())
+    torch.cuda.synchronize()
+    assert not torch.equal(draws[0], draws[1]) and not torch.equal(draws[1], draws[2])
+    for z in draws:
+        assert abs(z.std().item() - 1) < 0.05
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_reverse_step_errors_say_what_is_wrong(device):
+    y_t, eps, coefs, noise = step_inputs(device)
+    with pytest.raises(RuntimeError, match=r"coefs must be a float32 tensor of shape \(3, 5\)"):
+        torch.ops.sr3fast.reverse_step(y_t, eps, coefs.double())
+    with pytest.raises(RuntimeError, match="clip must be positive"):
+        torch.ops.sr3fast.reverse_step(y_t, eps, coefs, noise, -1.0)
+    with pytest.raises(RuntimeError, match="eps must match y_t"):
+        torch.ops.sr3fast.reverse_step(y_t, eps[:1], coefs)
+
+
+# ---- dispatch ----------------------------------------------------------------------------------
+
+def test_auto_backend_runs_the_cpu_extension_for_cpu_tensors():
+    with sr3fast.backend("auto"):
+        assert backends.resolve("groupnorm_silu", "cpu") == "cpu"
+        assert backends.resolve("reverse_step", "cpu") == "cpu"
+        assert "groupnorm_silu  -> cpu" in sr3fast.explain_backend("cpu")
+        inputs, _ = make_inputs("odd_hw", "all", "cpu")
+        args = (inputs["x"], inputs["num_groups"], inputs["weight"], inputs["bias"], 1e-5,
+                inputs["shift"], True)
+        assert torch.equal(sr3fast.ops.groupnorm_silu(*args), groupnorm_silu(*args))
+        y_t, eps, coefs, noise = step_inputs("cpu")
+        assert torch.equal(sr3fast.ops.reverse_step(y_t, eps, coefs, noise),
+                           reverse_step(y_t, eps, coefs, noise))
+
+
+# ---- the CMake build ---------------------------------------------------------------------------
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("cmake") is None, reason="cmake is not installed")
+def test_cmake_build_and_ctest(tmp_path):
+    """CMakeLists.txt builds the same sources (CPU) and its C++ test passes under CTest."""
+    generator = ["-G", "Ninja"] if shutil.which("ninja") else []
+    env = dict(os.environ, CMAKE_BUILD_PARALLEL_LEVEL=os.environ.get("MAX_JOBS", "2"))
+    commands = [
+        ["cmake", "-S", str(ROOT), "-B", str(tmp_path), *generator, "-DCMAKE_BUILD_TYPE=Release",
+         f"-DPython_EXECUTABLE={sys.executable}"],
+        ["cmake", "--build", str(tmp_path)],
+        ["ctest", "--test-dir", str(tmp_path), "--output-on-failure"],
+    ]
+    for command in commands:
+        result = subprocess.run(command, env=env, capture_output=True, text=True)
+        print(result.stdout[-4000:], result.stderr[-4000:])
+        assert result.returncode == 0, f"{' '.join(command)} failed"
