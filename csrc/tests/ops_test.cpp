@@ -53,12 +53,14 @@ Naive naive_groupnorm_silu(const at::Tensor& x_in, int64_t groups, const at::Ten
   const auto w = w_double.accessor<double, 1>(), b = b_double.accessor<double, 1>();
   const auto s = s_double.accessor<double, 2>();
   const int64_t B = x.size(0), C = x.size(1), S = x.numel() / (B * C), D = C / groups;
-  const auto xs = x.reshape({B, C, S}).accessor<double, 3>();
-  const auto dys = dy.reshape({B, C, S}).accessor<double, 3>();
+  const auto x3 = x.reshape({B, C, S}), dy3 = dy.reshape({B, C, S});
+  const auto xs = x3.accessor<double, 3>();
+  const auto dys = dy3.accessor<double, 3>();
   Naive out{at::empty_like(x), at::empty_like(x), at::zeros({C}, x.options()),
             at::zeros({C}, x.options()), at::zeros({B, C}, x.options())};
-  auto y = out.y.view({B, C, S}).accessor<double, 3>();
-  auto dx = out.grad_x.view({B, C, S}).accessor<double, 3>();
+  auto y3 = out.y.view({B, C, S}), dx3 = out.grad_x.view({B, C, S});
+  auto y = y3.accessor<double, 3>();
+  auto dx = dx3.accessor<double, 3>();
   auto dw = out.grad_weight.accessor<double, 1>();
   auto db = out.grad_bias.accessor<double, 1>();
   auto dshift = out.grad_shift.accessor<double, 2>();
@@ -122,11 +124,11 @@ void check_groupnorm_silu(const at::Device& device, bool channels_last) {
   expect_close("groupnorm_silu " + where, y, want.y, 1e-4);
   auto [dx, dw, db, dshift] = op<GroupNormSiluBackward>("sr3fast::groupnorm_silu_backward")
                                   .call(grad_y, x, mean, rstd, groups, weight, bias, shift, true);
-  // sums over up to 2 * 63 positions of gradients of size ~10
+  // sums of up to 2 * 252 terms of size ~4: 8 * eps32 * sqrt(504) * 4 < 1e-4
   expect_close("groupnorm_silu_backward grad_x " + where, dx, want.grad_x, 1e-4);
-  expect_close("groupnorm_silu_backward grad_weight " + where, dw, want.grad_weight, 1e-3);
-  expect_close("groupnorm_silu_backward grad_bias " + where, db, want.grad_bias, 1e-3);
-  expect_close("groupnorm_silu_backward grad_shift " + where, dshift, want.grad_shift, 1e-3);
+  expect_close("groupnorm_silu_backward grad_weight " + where, dw, want.grad_weight, 1e-4);
+  expect_close("groupnorm_silu_backward grad_bias " + where, db, want.grad_bias, 1e-4);
+  expect_close("groupnorm_silu_backward grad_shift " + where, dshift, want.grad_shift, 1e-4);
 }
 
 void check_reverse_step(const at::Device& device) {
