@@ -76,6 +76,6 @@ inline float horizontal_sum(const fVec& v) {
 }
 
 // z * sigmoid(z), vectorised like ATen's SiLU kernel.
-inline fVec silu(const fVec& z) { return z / (fVec(1.f) + z.neg().exp()); }
+inline fVec silu(const fVec& z) { return z / (fVec(1.f) + z.neg().exp_u20()); }
 
 }  // namespace sr3fast::cpu

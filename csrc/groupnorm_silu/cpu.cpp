@@ -1,10 +1,11 @@
 // groupnorm_silu on CPU: vectorised (at::vec) and parallel (at::parallel_for), float32 maths.
 //
-// Forward: Welford moments per (b, c, chunk) -> per-(b, g) mean/rstd and the forward table ->
+// Forward: moments per (b, c, chunk) -> per-(b, g) mean/rstd and the forward table ->
 // y = act(z). Backward: the backward table -> per-(b, c, chunk) sums -> per-(b, g) A, B (the
 // table's v, t) -> dx. The formulas and tables are described in math.h. Both memory layouts are read in place:
 //   channels-first (B, C, S): a task is a run of positions of one (b, c);
 //   channels-last  (B, S, C): a task is a block of rows (positions) of all C channels of one b.
+#include <algorithm>
 #include <limits>
 #include <utility>
 #include <vector>
@@ -26,10 +27,10 @@ namespace {
 using cpu::fVec;
 using cpu::Lanes;
 
-// A task touches about this many elements (16 KiB of float32: it stays in L1/L2 while a task
-// works on it). The split depends only on the shape, never on the thread count, so results are
+// A task touches about this many elements (32 KiB of float32: it stays in L1/L2 while the task
+// makes its two passes). The split depends only on the shape, never on the thread count, so results are
 // reproducible across machines.
-constexpr int64_t kTaskElements = 4096;
+constexpr int64_t kTaskElements = 8192;
 // Fewer elements than this in total run on one thread (ATen's GRAIN_SIZE).
 constexpr int64_t kParallelElements = 32768;
 
@@ -79,74 +80,132 @@ int64_t partial_index(const Problem& p, const Tiling& tiling, int64_t b, int64_t
   return (b * tiling.num_chunks + k) * p.channels + c;
 }
 
-float param_or(const at::Tensor& param, int64_t index, float fallback) {
-  return param.defined() ? param.data_ptr<float>()[index] : fallback;
+// The float32 parameters (weight, bias, shift), null when absent.
+struct Params {
+  const float *weight, *bias, *shift;
+  explicit Params(const Problem& p)
+      : weight(data_or_null(p.weight)), bias(data_or_null(p.bias)), shift(data_or_null(p.shift)) {}
+  static const float* data_or_null(const at::Tensor& t) {
+    return t.defined() ? t.data_ptr<float>() : nullptr;
+  }
+};
+
+inline float param_or(const float* param, int64_t index, float fallback) {
+  return param != nullptr ? param[index] : fallback;
 }
 
 // ---- forward -----------------------------------------------------------------------------
 
-// Moments of n contiguous values: one Welford state per vector lane, merged at the end.
-template <typename T>
-Moments run_moments(const T* x, int64_t n) {
+// Sum over n contiguous values of f(value) (f maps a float vector), with four independent
+// accumulators so the additions overlap; values past the last whole vector are left to the caller.
+template <typename T, typename F>
+float vector_sum(const T* x, int64_t n, const F& f) {
   using L = Lanes<T>;
-  const int64_t steps = n / L::kSize;
-  fVec mean[L::kVecs], m2[L::kVecs];
-  for (int i = 0; i < L::kVecs; ++i) {
-    mean[i] = fVec(0.f);
-    m2[i] = fVec(0.f);
-  }
-  for (int64_t step = 0; step < steps; ++step) {
-    const L value = L::load(x + step * L::kSize);
-    const fVec inv_count(1.f / static_cast<float>(step + 1));
-    for (int i = 0; i < L::kVecs; ++i) {
-      const fVec delta = value.v[i] - mean[i];
-      mean[i] = at::vec::fmadd(delta, inv_count, mean[i]);
-      m2[i] = at::vec::fmadd(delta, value.v[i] - mean[i], m2[i]);
+  constexpr int kUnroll = 4;
+  fVec acc[kUnroll] = {fVec(0.f), fVec(0.f), fVec(0.f), fVec(0.f)};
+  int64_t i = 0;
+  for (; i + kUnroll * L::kSize <= n; i += kUnroll * L::kSize) {
+    for (int u = 0; u < kUnroll; ++u) {
+      const L value = L::load(x + i + u * L::kSize);
+      for (int j = 0; j < L::kVecs; ++j) {
+        acc[u] = acc[u] + f(value.v[j]);
+      }
     }
   }
-  Moments total;
-  if (steps > 0) {
-    float lane_mean[L::kSize], lane_m2[L::kSize];
-    for (int i = 0; i < L::kVecs; ++i) {
-      mean[i].store(lane_mean + i * fVec::size());
-      m2[i].store(lane_m2 + i * fVec::size());
-    }
-    for (int64_t lane = 0; lane < L::kSize; ++lane) {
-      total.merge({static_cast<float>(steps), lane_mean[lane], lane_m2[lane]});
+  for (; i + L::kSize <= n; i += L::kSize) {
+    const L value = L::load(x + i);
+    for (int j = 0; j < L::kVecs; ++j) {
+      acc[0] = acc[0] + f(value.v[j]);
     }
   }
-  for (int64_t i = steps * L::kSize; i < n; ++i) {
-    total.add(static_cast<float>(x[i]));
-  }
-  return total;
+  return cpu::horizontal_sum((acc[0] + acc[1]) + (acc[2] + acc[3]));
 }
 
-// Moments per channel of `rows` rows of C values, one Welford update per row.
-// mean and m2 (C,) start at zero; every channel's count is `rows`.
+// Moments of n contiguous values, two passes over data that a task keeps in L1/L2: the sum,
+// then the squared deviations from the mean (exact to rounding, unlike sum-of-squares).
+template <typename T>
+Moments run_moments(const T* x, int64_t n) {
+  const int64_t vector_end = n - n % Lanes<T>::kSize;
+  float total = vector_sum(x, n, [](const fVec& v) { return v; });
+  for (int64_t i = vector_end; i < n; ++i) {
+    total += static_cast<float>(x[i]);
+  }
+  const float mean = total / static_cast<float>(n);
+  const fVec centre(mean);
+  float m2 = vector_sum(x, n, [&](const fVec& v) { return (v - centre) * (v - centre); });
+  for (int64_t i = vector_end; i < n; ++i) {
+    const float deviation = static_cast<float>(x[i]) - mean;
+    m2 += deviation * deviation;
+  }
+  return {static_cast<float>(n), mean, m2};
+}
+
+// Moments per channel of `rows` rows of C values, the same two passes, a block of kBlock
+// channels at a time with its sums in registers: mean and m2 (C,) are written (every
+// channel's count is `rows`).
 template <typename T>
 void rows_moments(const T* x, int64_t rows, int64_t channels, float* mean, float* m2) {
   using L = Lanes<T>;
-  const int64_t vector_end = channels - channels % L::kSize;
-  for (int64_t row = 0; row < rows; ++row) {
-    const T* values = x + row * channels;
-    const float inv_count = 1.f / static_cast<float>(row + 1);
-    for (int64_t c = 0; c < vector_end; c += L::kSize) {
-      const L value = L::load(values + c);
-      L m = L::load_float(mean + c), s = L::load_float(m2 + c);
-      for (int i = 0; i < L::kVecs; ++i) {
-        const fVec delta = value.v[i] - m.v[i];
-        m.v[i] = at::vec::fmadd(delta, fVec(inv_count), m.v[i]);
-        s.v[i] = at::vec::fmadd(delta, value.v[i] - m.v[i], s.v[i]);
+  constexpr int kBlockLanes = std::max(1, 4 / L::kVecs);  // four float vectors
+  constexpr int64_t kBlock = kBlockLanes * L::kSize;
+  const float inv_rows = 1.f / static_cast<float>(rows);
+  int64_t c = 0;
+  // Runs both passes over channels [c, c + lanes * kSize), lanes <= kBlockLanes.
+  const auto block = [&](int lanes) {
+    fVec sum[kBlockLanes][L::kVecs], squares[kBlockLanes][L::kVecs], centre[kBlockLanes][L::kVecs];
+    for (int l = 0; l < lanes; ++l) {
+      for (int j = 0; j < L::kVecs; ++j) {
+        sum[l][j] = fVec(0.f);
+        squares[l][j] = fVec(0.f);
       }
-      m.store_float(mean + c);
-      s.store_float(m2 + c);
     }
-    for (int64_t c = vector_end; c < channels; ++c) {
-      const float value = static_cast<float>(values[c]);
-      const float delta = value - mean[c];
-      mean[c] += delta * inv_count;
-      m2[c] += delta * (value - mean[c]);
+    for (int64_t row = 0; row < rows; ++row) {
+      for (int l = 0; l < lanes; ++l) {
+        const L value = L::load(x + row * channels + c + l * L::kSize);
+        for (int j = 0; j < L::kVecs; ++j) {
+          sum[l][j] = sum[l][j] + value.v[j];
+        }
+      }
     }
+    for (int l = 0; l < lanes; ++l) {
+      for (int j = 0; j < L::kVecs; ++j) {
+        centre[l][j] = sum[l][j] * fVec(inv_rows);
+        centre[l][j].store(mean + c + l * L::kSize + j * fVec::size());
+      }
+    }
+    for (int64_t row = 0; row < rows; ++row) {
+      for (int l = 0; l < lanes; ++l) {
+        const L value = L::load(x + row * channels + c + l * L::kSize);
+        for (int j = 0; j < L::kVecs; ++j) {
+          const fVec deviation = value.v[j] - centre[l][j];
+          squares[l][j] = at::vec::fmadd(deviation, deviation, squares[l][j]);
+        }
+      }
+    }
+    for (int l = 0; l < lanes; ++l) {
+      for (int j = 0; j < L::kVecs; ++j) {
+        squares[l][j].store(m2 + c + l * L::kSize + j * fVec::size());
+      }
+    }
+  };
+  for (; c + kBlock <= channels; c += kBlock) {
+    block(kBlockLanes);
+  }
+  for (; c + L::kSize <= channels; c += L::kSize) {
+    block(1);
+  }
+  for (; c < channels; ++c) {  // channels past the last whole vector
+    float sum = 0.f;
+    for (int64_t row = 0; row < rows; ++row) {
+      sum += static_cast<float>(x[row * channels + c]);
+    }
+    mean[c] = sum * inv_rows;
+    float squares = 0.f;
+    for (int64_t row = 0; row < rows; ++row) {
+      const float deviation = static_cast<float>(x[row * channels + c]) - mean[c];
+      squares += deviation * deviation;
+    }
+    m2[c] = squares;
   }
 }
 
@@ -213,31 +272,46 @@ void rows_forward(const T* x, T* y, int64_t rows, int64_t channels, const float*
 }
 
 // Per-(b, g) statistics from the per-chunk moments; fills mean, rstd (B, G) and the forward table.
+// The chunks merge in closed form (mean of means, then m2 = sum of m2 + n*(chunk mean - mean)^2):
+// two passes over the partials instead of a chain of pairwise merges.
 void finalize_forward(const Problem& p, const Tiling& tiling, const float* partial, double eps,
                       float* mean_out, float* rstd_out, float* table) {
   const int64_t D = p.channels_per_group(), C = p.channels, BC = p.batch * C;
   const int64_t components = p.batch * tiling.num_chunks * C;
-  at::parallel_for(0, p.batch * p.groups, 64, [&](int64_t begin, int64_t end) {
+  const float* count = partial;
+  const float* chunk_mean = partial + components;
+  const float* chunk_m2 = partial + 2 * components;
+  const Params params(p);
+  at::parallel_for(0, p.batch * p.groups, 16, [&](int64_t begin, int64_t end) {
     for (int64_t bg = begin; bg < end; ++bg) {
       const int64_t b = bg / p.groups, c0 = (bg % p.groups) * D;
-      Moments total;
-      for (int64_t c = c0; c < c0 + D; ++c) {
-        const float shift = param_or(p.shift, b * C + c, 0.f);
-        for (int64_t k = 0; k < tiling.num_chunks; ++k) {
-          const int64_t i = partial_index(p, tiling, b, k, c);
-          total.merge({partial[i], partial[components + i] + shift, partial[2 * components + i]});
+      const auto shift = [&](int64_t c) { return param_or(params.shift, b * C + c, 0.f); };
+      float total = 0.f, weighted = 0.f;
+      for (int64_t k = 0; k < tiling.num_chunks; ++k) {
+        const int64_t i = partial_index(p, tiling, b, k, 0);
+        for (int64_t c = c0; c < c0 + D; ++c) {
+          total += count[i + c];
+          weighted += count[i + c] * (chunk_mean[i + c] + shift(c));
         }
       }
-      const float variance = std::max(total.m2 / total.count, 0.f);
-      const float rstd = 1.f / std::sqrt(variance + static_cast<float>(eps));
-      mean_out[bg] = total.mean;
+      const float mean = weighted / total;
+      float m2 = 0.f;
+      for (int64_t k = 0; k < tiling.num_chunks; ++k) {
+        const int64_t i = partial_index(p, tiling, b, k, 0);
+        for (int64_t c = c0; c < c0 + D; ++c) {
+          const float offset = chunk_mean[i + c] + shift(c) - mean;
+          m2 += chunk_m2[i + c] + count[i + c] * offset * offset;
+        }
+      }
+      const float rstd = 1.f / std::sqrt(std::max(m2 / total, 0.f) + static_cast<float>(eps));
+      mean_out[bg] = mean;
       rstd_out[bg] = rstd;
       for (int64_t c = c0; c < c0 + D; ++c) {
         const int64_t bc = b * C + c;
-        table[kShift * BC + bc] = param_or(p.shift, bc, 0.f);
-        table[kMean * BC + bc] = total.mean;
-        table[kAlpha * BC + bc] = rstd * param_or(p.weight, c, 1.f);
-        table[kBeta * BC + bc] = param_or(p.bias, c, 0.f);
+        table[kShift * BC + bc] = shift(c);
+        table[kMean * BC + bc] = mean;
+        table[kAlpha * BC + bc] = rstd * param_or(params.weight, c, 1.f);
+        table[kBeta * BC + bc] = param_or(params.bias, c, 0.f);
       }
     }
   });
@@ -249,7 +323,7 @@ void forward(const Problem& p, double eps, bool act, at::Tensor& y, at::Tensor& 
   const Tiling tiling = tiling_of(p);
   const int64_t C = p.channels, BC = p.batch * C;
   // (count, mean, m2) per (b, chunk, c)
-  auto partial = at::zeros({3, p.batch, tiling.num_chunks, C}, p.x.options().dtype(at::kFloat));
+  auto partial = at::empty({3, p.batch, tiling.num_chunks, C}, p.x.options().dtype(at::kFloat));
   const int64_t components = partial.numel() / 3;
   float* part = partial.data_ptr<float>();
   const T* x = p.x.data_ptr<T>();
@@ -309,7 +383,7 @@ inline GradTerms grad_terms(const fVec& x, const fVec& dy, const GradCoefs& k, b
   }
   const fVec z = at::vec::fmadd(xhat, k.weight, k.bias);
   const fVec one(1.f);
-  const fVec s = one / (one + z.neg().exp());
+  const fVec s = one / (one + z.neg().exp_u20());
   return {dy * s * at::vec::fmadd(z, one - s, one), xhat};
 }
 
@@ -453,14 +527,15 @@ void rows_grad(const T* x, const T* dy, T* dx, int64_t rows, int64_t channels, c
 // The backward table's per-(b, c) coefficients known from the forward statistics.
 void backward_table(const Problem& p, const float* mean, const float* rstd, float* table) {
   const int64_t C = p.channels, BC = p.batch * C, D = p.channels_per_group();
+  const Params params(p);
   for (int64_t b = 0; b < p.batch; ++b) {
     for (int64_t c = 0; c < C; ++c) {
       const int64_t bg = b * p.groups + c / D, bc = b * C + c;
-      table[kShift * BC + bc] = param_or(p.shift, bc, 0.f);
+      table[kShift * BC + bc] = param_or(params.shift, bc, 0.f);
       table[kMean * BC + bc] = mean[bg];
       table[kRstd * BC + bc] = rstd[bg];
-      table[kWeight * BC + bc] = param_or(p.weight, c, 1.f);
-      table[kBias * BC + bc] = param_or(p.bias, c, 0.f);
+      table[kWeight * BC + bc] = param_or(params.weight, c, 1.f);
+      table[kBias * BC + bc] = param_or(params.bias, c, 0.f);
     }
   }
 }
