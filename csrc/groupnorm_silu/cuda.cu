@@ -10,6 +10,7 @@
 //   channels-last  (B, S, C): a block takes a chunk of rows of one b and a tile of channels,
 //     each thread V adjacent channels, the block's threads along y splitting the rows.
 // V is the 16-byte vector width when sizes and pointers allow, else 1.
+#include <algorithm>
 #include <limits>
 #include <type_traits>
 
@@ -49,8 +50,8 @@ struct Geometry {
   int vector;           // V: elements per access
   int64_t chunk;        // positions per block
   int64_t num_chunks;
-  // channels-last only: block (bx, by), tiles of bx*V channels
-  int bx = 1, by = 1;
+  // channels-first: bx threads per block; channels-last: block (bx, by), tiles of bx*V channels
+  int bx = kThreads, by = 1;
   int64_t tiles = 1;
   int64_t blocks;       // 1-D grid
 };
@@ -70,6 +71,9 @@ Geometry geometry_of(const Problem& p, int vector_width, bool aligned) {
     g.chunk = ceil_div(ceil_div(S, std::max<int64_t>(wanted, 1)), g.vector) * g.vector;
     g.num_chunks = ceil_div(S, g.chunk);
     g.blocks = rows * g.num_chunks;
+    // short rows (deep, low-resolution layers): fewer threads, each still with a vector to load
+    g.bx = static_cast<int>(std::clamp<int64_t>(
+        cuda::next_power_of_two(ceil_div(g.chunk, g.vector)), cuda::kWarpSize, kThreads));
   } else {
     g.vector = aligned && p.channels % vector_width == 0 ? vector_width : 1;
     const int64_t columns = p.channels / g.vector;
@@ -136,7 +140,7 @@ __global__ void __launch_bounds__(kThreads)
   const BlockPlace at = place_of(s.C, s.S, s.chunk, s.num_chunks, false, V, 1);
   const T* row = x + (at.b * s.C + at.c) * s.S;
   Moments m;
-  for (int64_t i = at.first + threadIdx.x * V; i < at.last; i += kThreads * V) {
+  for (int64_t i = at.first + threadIdx.x * V; i < at.last; i += blockDim.x * V) {
     const auto pack = *reinterpret_cast<const Pack<T, V>*>(row + i);
 #pragma unroll
     for (int j = 0; j < V; ++j) {
@@ -267,7 +271,7 @@ __global__ void __launch_bounds__(kThreads)
   }
   // channels-first: step along the row; channels-last: step over rows
   const int64_t start = channels_last ? at.first + threadIdx.y : at.first + threadIdx.x * V;
-  const int64_t step = channels_last ? blockDim.y : kThreads * V;
+  const int64_t step = channels_last ? blockDim.y : blockDim.x * V;
   for (int64_t i = start; i < at.last; i += step) {
     const int64_t offset = channels_last ? (at.b * s.S + i) * s.C + at.c : bc * s.S + i;
     auto pack = *reinterpret_cast<const Pack<T, V>*>(x + offset);
@@ -325,7 +329,7 @@ __global__ void __launch_bounds__(kThreads)
     k[j] = table[j * BC + bc];
   }
   Sums<kSums> sums;
-  for (int64_t i = at.first + threadIdx.x * V; i < at.last; i += kThreads * V) {
+  for (int64_t i = at.first + threadIdx.x * V; i < at.last; i += blockDim.x * V) {
     const auto xs = *reinterpret_cast<const Pack<T, V>*>(x + bc * s.S + i);
     const auto gs = *reinterpret_cast<const Pack<T, V>*>(dy + bc * s.S + i);
 #pragma unroll
@@ -465,7 +469,7 @@ __global__ void __launch_bounds__(kThreads)
     }
   }
   const int64_t start = channels_last ? at.first + threadIdx.y : at.first + threadIdx.x * V;
-  const int64_t step = channels_last ? blockDim.y : kThreads * V;
+  const int64_t step = channels_last ? blockDim.y : blockDim.x * V;
   for (int64_t i = start; i < at.last; i += step) {
     const int64_t offset = channels_last ? (at.b * s.S + i) * s.C + at.c : bc * s.S + i;
     const auto xs = *reinterpret_cast<const Pack<T, V>*>(x + offset);
@@ -487,9 +491,7 @@ Shape shape_of(const Problem& p, const Geometry& g) {
   return {p.batch, p.channels, p.spatial, g.num_chunks, g.chunk, g.tiles};
 }
 
-dim3 block_of(const Geometry& g) {
-  return g.channels_last ? dim3(g.bx, g.by) : dim3(kThreads);
-}
+dim3 block_of(const Geometry& g) { return dim3(g.bx, g.by); }
 
 template <typename State>
 size_t column_scratch_bytes(const Geometry& g) {
@@ -532,7 +534,7 @@ void forward(const Problem& p, double eps, bool act, at::Tensor& y, at::Tensor& 
       moments_channels_last<T, V><<<g.blocks, block_of(g), column_scratch_bytes<Moments>(g), stream>>>(
           x, s, partial.data_ptr<float>());
     } else {
-      moments_channels_first<T, V><<<g.blocks, kThreads, 0, stream>>>(x, s, partial.data_ptr<float>());
+      moments_channels_first<T, V><<<g.blocks, block_of(g), 0, stream>>>(x, s, partial.data_ptr<float>());
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -583,7 +585,7 @@ void backward(const Problem& p, const at::Tensor& grad_y, const at::Tensor& mean
       sums_channels_last<T, V><<<g.blocks, block_of(g), column_scratch_bytes<Sums<kSums>>(g), stream>>>(
           x, dy, s, table.data_ptr<float>(), act, partial.data_ptr<float>());
     } else {
-      sums_channels_first<T, V><<<g.blocks, kThreads, 0, stream>>>(
+      sums_channels_first<T, V><<<g.blocks, block_of(g), 0, stream>>>(
           x, dy, s, table.data_ptr<float>(), act, partial.data_ptr<float>());
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
