@@ -93,5 +93,7 @@ class TrainConfig:
 
     def resume_mismatches(self, saved: "TrainConfig") -> list[str]:
         """'name: saved -> now' for each option that must not change on resume."""
-        return [f"{name}: {getattr(saved, name)!r} -> {getattr(self, name)!r}"
-                for name in RESUME_MUST_MATCH if getattr(saved, name) != getattr(self, name)]
+        def value(config: "TrainConfig", name: str):
+            return config.learning_rate if name == "lr" else getattr(config, name)  # None = default
+        return [f"{name}: {value(saved, name)!r} -> {value(self, name)!r}"
+                for name in RESUME_MUST_MATCH if value(saved, name) != value(self, name)]

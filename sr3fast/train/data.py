@@ -29,6 +29,8 @@ from PIL import Image, ImageOps
 
 from ..images import IMAGE_SUFFIXES
 
+# What PIL raises for a file that is not a usable image (DecompressionBombError: over ~179 MP).
+_READ_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 # Decode every image once up front when they fit in this much memory (uint8 RGB, per process).
 PRELOAD_LIMIT_BYTES = 1024 ** 3
 
@@ -140,7 +142,7 @@ class ImageFiles:
         for path, size in zip(self.paths, self.sizes):
             try:
                 pixels = _decode(path)
-            except (OSError, ValueError, SyntaxError):
+            except _READ_ERRORS:
                 self.skipped["unreadable"] += 1
                 continue
             for items, item in zip(kept, (path, size, pixels)):
@@ -154,7 +156,7 @@ class ImageFiles:
             return self._pixels[index]
         try:
             return _decode(self.paths[index])
-        except (OSError, ValueError, SyntaxError) as err:
+        except _READ_ERRORS as err:
             raise DecodeError(f"{str(self.paths[index])!r} cannot be decoded ({err})") from None
 
     def subset(self, indices: list[int]) -> "ImageFiles":
@@ -180,7 +182,7 @@ def scan(paths: list[Path], min_size: tuple[int, int] | None = None,
                 width, height = image.size
                 if _rotated(image):
                     width, height = height, width
-        except (OSError, ValueError, SyntaxError):
+        except _READ_ERRORS:
             skipped["unreadable"] += 1
             continue
         if min_size and (width < min_size[0] or height < min_size[1]):

@@ -90,12 +90,14 @@ class Trainer:
         self.out = Path(config.out)
         self.checkpoint_root = self.out / "checkpoints"
         self._check_batch()
+        model_config = self._model_config()
+        self.train_data, self.val_data = self._open_data(model_config)  # fail early on bad data
         if self.processes.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
         distributed.barrier(self.processes)
 
-        self.model = self._build_model()
-        self.train_data, self.val_data = self._open_data()
+        torch.manual_seed(derive_seed(config.seed, INIT_TAG))  # the same weights in every process
+        self.model = build(model_config).to(self.device).train()
         self.ema = EMA(self.model, config.ema_decay)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=config.learning_rate)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, _warmup_factor(config.warmup))
@@ -131,17 +133,15 @@ class Trainer:
                              "step, in --accum equal micro-batches")
         self.micro_batch = cfg.batch // (world * cfg.accum)
 
-    def _build_model(self):
-        cfg = self.config
-        model_config = get_preset(cfg.preset)
-        if cfg.dropout is not None:
+    def _model_config(self) -> SR3Config:
+        model_config = get_preset(self.config.preset)
+        if self.config.dropout is not None:
             model_config = dataclasses.replace(
-                model_config, unet=dataclasses.replace(model_config.unet, dropout=cfg.dropout))
-        torch.manual_seed(derive_seed(cfg.seed, INIT_TAG))  # the same weights in every process
-        return build(model_config).to(self.device).train()
+                model_config, unet=dataclasses.replace(model_config.unet, dropout=self.config.dropout))
+        return model_config
 
-    def _open_data(self):
-        cfg, model_config = self.config, self.model.config
+    def _open_data(self, model_config: SR3Config):
+        cfg = self.config
         augment = Augment(flip=cfg.flip, blur=cfg.blur, blur_sigma=cfg.blur_sigma)
         data = open_folder(cfg.data, model_config.low_res, model_config.high_res, augment)
         if cfg.val is not None:
