@@ -95,6 +95,7 @@ def backend(name: str):
 
 def _extension_error() -> str | None:
     """None when sr3fast._C imports, else why not."""
+    import torch  # noqa: F401  (loads libc10/libtorch, which sr3fast._C links against)
     try:
         importlib.import_module("sr3fast._C")
     except ImportError as err:

@@ -1,4 +1,5 @@
 """Backend selection and dispatch: set/context/env, unavailable backends, auto, torch.compile."""
+import importlib.util
 import os
 import subprocess
 import sys
@@ -99,3 +100,13 @@ def test_compiled_graph_dispatches_several_ops_on_its_first_trace():
         compiled = torch.compile(block, fullgraph=True)
         h = reference.groupnorm_silu(x, 4, w, b, 1e-5, shift).flatten(2).transpose(1, 2)[:, None]
         torch.testing.assert_close(compiled(x), reference.attention(h, h, h), rtol=1e-5, atol=1e-5)
+
+
+def test_a_built_extension_is_found_by_a_fresh_import():
+    # Regression: probing sr3fast._C before torch was imported failed to find libc10.so, and auto
+    # silently passed over a built extension.
+    if importlib.util.find_spec("sr3fast._C") is None:
+        pytest.skip("the compiled extension is not built")
+    code = "import sr3fast; print(sr3fast.backends.unavailable_reason('cpu', 'cpu'))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "None"
