@@ -66,13 +66,15 @@ def _load_sr3fast(path: Path, config):
 
     if config is not None:
         raise ValueError(f"{str(path)!r} is an sr3fast checkpoint with its config inside; drop config=")
-    config_dict, state, _ = read_checkpoint(path)
+    config_dict, state, metadata = read_checkpoint(path)
     try:
         sr3_config = SR3Config.from_dict(config_dict)
     except (KeyError, TypeError, ValueError) as err:
         raise CheckpointError(f"{str(path)!r} holds an invalid sr3fast config: {err}") from None
     weights = {key: value for key, value in state.items() if key.startswith("unet.")}
-    return _instantiate(sr3_config, weights, source=repr(str(path)))
+    model = _instantiate(sr3_config, weights, source=repr(str(path)))
+    model.objective = metadata.get("mode", "diffusion")      # written by sr3fast train
+    return model
 
 
 def _load_public(path: Path, config):
@@ -138,6 +140,10 @@ def upscale(x, model=None, *, steps: int = 100, sampler: str | None = None, seed
         raise ValueError(NO_DEFAULT_MODEL)
     if not hasattr(model, "predict_noise"):
         model = load(model)
+    if getattr(model, "objective", "diffusion") != "diffusion":
+        raise ValueError(f"this model was trained as the paper's {model.objective} baseline: it predicts "
+                         "the image in one pass, not noise, so it cannot be sampled. Use "
+                         "sr3fast.train.regression.predict(model, condition).")
     if not isinstance(steps, int) or steps < 1:
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
     images, kind = to_unit_batch(x)

@@ -287,3 +287,14 @@ def test_cli_lists_presets_and_backends(capsys):
     assert "public-16-128" in listing and "tiny" in listing
     assert cli(["backends"]) == 0
     assert "groupnorm_silu" in capsys.readouterr().out
+
+
+def test_a_regression_baseline_checkpoint_loads_but_is_not_sampled(tmp_path):
+    from sr3fast.checkpoint import save_checkpoint
+    model = sr3fast.load("tiny")
+    path = save_checkpoint(tmp_path / "reg.safetensors", model.state_dict(), model.config.to_dict(),
+                           {"mode": "regression"})
+    loaded = sr3fast.load(path)
+    assert loaded.objective == "regression"
+    with pytest.raises(ValueError, match="regression.predict"):
+        sr3fast.upscale(torch.rand(1, 3, 4, 4), model=loaded, steps=1)

@@ -20,6 +20,10 @@ class SR3(nn.Module):
     public `*_gen.pth` maps onto them by renaming `denoise_fn.` to `unet.`.
     """
 
+    # what the weights were trained for: "diffusion" (eps prediction, sampled by upscale) or
+    # "regression" (the paper's one-pass baseline; sr3fast.train.regression.predict)
+    objective: str = "diffusion"
+
     def __init__(self, config: SR3Config):
         super().__init__()
         if not isinstance(config, SR3Config):

@@ -22,7 +22,7 @@ from typing import Callable, TypeVar
 
 import torch
 
-from ..atomic import _fsync_dir
+from ..atomic import fsync_dir
 
 MODEL_FILE, ONLINE_FILE, STATE_FILE = "model.safetensors", "online.safetensors", "trainer.pt"
 FILES = (MODEL_FILE, ONLINE_FILE, STATE_FILE)
@@ -75,7 +75,7 @@ def save(root: str | os.PathLike, step: int, write: Callable[[Path], None], keep
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    _fsync_dir(root)
+    fsync_dir(root)
     prune(root, keep)
     return final
 
