@@ -24,4 +24,12 @@ TORCH_LIBRARY(sr3fast, m) {
       "reverse_step(Tensor y_t, Tensor eps, Tensor coefs, Tensor? noise=None, float? clip=None, "
       "Generator? generator=None) -> Tensor",
       {at::Tag::pt2_compliant_tag, at::Tag::nondeterministic_seeded});
+  // Every step of an SR3 sampler in C++ (csrc/sampler/), the denoiser f(x, y_t, gamma) -> eps
+  // being an AOTInductor package (.pt2) at path `denoiser`; coefs (T, B, 5), gammas (T, B) are
+  // the tables of sr3fast.diffusion.coefficients. Returns y_0, float32.
+  m.def(
+      "sample_aoti(str denoiser, Tensor x, Tensor y_T, Tensor coefs, Tensor gammas, "
+      "float? clip=None, bool stochastic=True, bool kernel_noise=False, "
+      "Generator? generator=None) -> Tensor",
+      {at::Tag::nondeterministic_seeded});
 }

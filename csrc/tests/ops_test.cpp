@@ -8,7 +8,10 @@
 #include <vector>
 
 #include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
 #include <ATen/core/dispatch/Dispatcher.h>
+
+#include "sampler/sampler.h"
 
 namespace {
 
@@ -161,6 +164,47 @@ void check_reverse_step(const at::Device& device) {
                out.flatten(1), want, 0.0);
 }
 
+// sr3fast::sample with a small C++ denoiser against the loop written out with the op.
+void check_sample(const at::Device& device) {
+  const auto options = at::TensorOptions().device(device);
+  at::manual_seed(2);
+  const int64_t steps = 6, batch = 2;
+  const auto x = at::randn({batch, 3, 5, 4}, options), y_T = at::randn({batch, 3, 5, 4}, options);
+  auto coefs = at::rand({steps, batch, 5}, options).add(0.5);
+  coefs.select(0, steps - 1).select(1, 4).zero_();  // the last step adds no noise
+  const auto gammas = at::rand({steps, batch}, options);
+  const sr3fast::Denoiser denoise = [](const at::Tensor& cond, const at::Tensor& y,
+                                       const at::Tensor& gamma) {
+    return (cond - y).mul(gamma.view({-1, 1, 1, 1}));
+  };
+  sr3fast::SampleOptions sample_options;
+  sample_options.clip = 1.0;
+  sample_options.generator = at::detail::createCPUGenerator(7);
+  int64_t callbacks = 0;
+  sample_options.callback = [&](int64_t, const at::Tensor&) { ++callbacks; };
+  if (device.is_cuda()) {
+    sample_options.generator = std::nullopt;  // the default CUDA generator, reseeded below
+    at::manual_seed(7);
+  }
+  const auto got = sr3fast::sample(denoise, x, y_T, coefs, gammas, sample_options);
+
+  if (device.is_cuda()) {
+    at::manual_seed(7);
+  }
+  std::optional<at::Generator> generator =
+      device.is_cuda() ? std::nullopt
+                       : std::optional<at::Generator>(at::detail::createCPUGenerator(7));
+  auto y = y_T.clone();
+  for (int64_t i = 0; i < steps; ++i) {
+    const auto eps = denoise(x, y, gammas[i]);
+    const auto z = i == steps - 1 ? at::zeros_like(y) : at::randn(y.sizes(), generator, y.options());
+    y = op<ReverseStep>("sr3fast::reverse_step").call(y, eps, coefs[i], z, 1.0, std::nullopt);
+  }
+  expect_close(std::string("sample ") + (device.is_cuda() ? "cuda" : "cpu") + " (exact)", got, y,
+               0.0);
+  failures += callbacks == steps ? 0 : 1;
+}
+
 }  // namespace
 
 int main() {
@@ -175,6 +219,7 @@ int main() {
     check_groupnorm_silu(device, false);
     check_groupnorm_silu(device, true);
     check_reverse_step(device);
+    check_sample(device);
   }
   std::printf("%d failure(s)\n", failures);
   return failures == 0 ? 0 : 1;

@@ -1,0 +1,63 @@
+#include "sampler/sampler.h"
+
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/ops/randn.h>
+#include <ATen/ops/zeros_like.h>
+#include <c10/util/Exception.h>
+
+namespace sr3fast {
+namespace {
+
+using ReverseStep = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                               const std::optional<at::Tensor>&, std::optional<double>,
+                               std::optional<at::Generator>);
+
+void check_tables(const at::Tensor& x, const at::Tensor& y_T, const at::Tensor& coefs,
+                  const at::Tensor& gammas) {
+  constexpr const char* kWhere = "sr3fast::sample";
+  TORCH_CHECK(x.dim() == 4, kWhere, ": x must be the upsampled condition (B, C, H, W), got ",
+              x.sizes());
+  TORCH_CHECK(y_T.sizes() == x.sizes() && y_T.device() == x.device(), kWhere,
+              ": y_T must match x in shape and device; got ", y_T.sizes(), " on ", y_T.device());
+  const int64_t batch = x.size(0);
+  TORCH_CHECK(coefs.dim() == 3 && coefs.size(1) == batch && coefs.size(2) == 5 &&
+                  coefs.scalar_type() == at::kFloat && coefs.device() == x.device(),
+              kWhere, ": coefs must be the (T, ", batch, ", 5) float32 table of "
+              "sr3fast.diffusion.reverse_coefficients on x's device; got ", coefs.scalar_type(),
+              " ", coefs.sizes(), " on ", coefs.device());
+  TORCH_CHECK(gammas.dim() == 2 && gammas.size(0) == coefs.size(0) && gammas.size(1) == batch &&
+                  gammas.scalar_type() == at::kFloat && gammas.device() == x.device(),
+              kWhere, ": gammas must be the (T, ", batch, ") float32 table of "
+              "sr3fast.diffusion.noise_levels on x's device, T = ", coefs.size(0), "; got ",
+              gammas.scalar_type(), " ", gammas.sizes(), " on ", gammas.device());
+}
+
+}  // namespace
+
+at::Tensor sample(const Denoiser& denoise, const at::Tensor& x, const at::Tensor& y_T,
+                  const at::Tensor& coefs, const at::Tensor& gammas,
+                  const SampleOptions& options) {
+  check_tables(x, y_T, coefs, gammas);
+  static const auto reverse_step = c10::Dispatcher::singleton()
+                                       .findSchemaOrThrow("sr3fast::reverse_step", "")
+                                       .typed<ReverseStep>();
+  at::Tensor y = y_T.to(at::kFloat, /*non_blocking=*/false, /*copy=*/true);
+  const at::Tensor no_noise = at::zeros_like(y);
+  const int64_t steps = coefs.size(0);
+  for (int64_t i = 0; i < steps; ++i) {
+    const at::Tensor eps = denoise(x, y.to(x.scalar_type()), gammas[i]);
+    std::optional<at::Tensor> z;  // nullopt: drawn inside reverse_step
+    if (!options.stochastic || i == steps - 1) {
+      z = no_noise;
+    } else if (options.noise == NoiseSource::kTorch) {
+      z = at::randn(y.sizes(), options.generator, y.options());
+    }
+    y = reverse_step.call(y, eps.to(at::kFloat), coefs[i], z, options.clip, options.generator);
+    if (options.callback) {
+      options.callback(i, y);
+    }
+  }
+  return y;
+}
+
+}  // namespace sr3fast
