@@ -7,6 +7,7 @@
 //   channels-last  (B, S, C): a task is a block of rows (positions) of all C channels of one b.
 #include <algorithm>
 #include <limits>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -376,8 +377,10 @@ struct GradTerms {
   fVec dz, xhat;
 };
 
+inline fVec xhat_of(const fVec& x, const GradCoefs& k) { return ((x + k.shift) - k.mean) * k.rstd; }
+
 inline GradTerms grad_terms(const fVec& x, const fVec& dy, const GradCoefs& k, bool act) {
-  const fVec xhat = ((x + k.shift) - k.mean) * k.rstd;
+  const fVec xhat = xhat_of(x, k);
   if (!act) {
     return {dy, xhat};
   }
@@ -396,8 +399,10 @@ inline std::pair<float, float> grad_terms(float x, float dy, const float* k, int
 }
 
 // Sums of dz, dz*xhat and xhat over n contiguous values of one channel into sums[kSums].
+// dz_cache (n floats, or null): receives dz, so the gradient pass need not recompute the sigmoid.
 template <typename T>
-void run_sums(const T* x, const T* dy, int64_t n, const float* k, bool act, float* sums) {
+void run_sums(const T* x, const T* dy, int64_t n, const float* k, bool act, float* sums,
+              float* dz_cache) {
   using L = Lanes<T>;
   const GradCoefs coefs = broadcast(k, /*with_vt=*/false);
   fVec dz_sum(0.f), dzx_sum(0.f), x_sum(0.f);
@@ -406,6 +411,9 @@ void run_sums(const T* x, const T* dy, int64_t n, const float* k, bool act, floa
     const L value = L::load(x + i), grad = L::load(dy + i);
     for (int j = 0; j < L::kVecs; ++j) {
       const GradTerms g = grad_terms(value.v[j], grad.v[j], coefs, act);
+      if (dz_cache != nullptr) {
+        g.dz.store(dz_cache + i + j * fVec::size());
+      }
       dz_sum = dz_sum + g.dz;
       dzx_sum = at::vec::fmadd(g.dz, g.xhat, dzx_sum);
       x_sum = x_sum + g.xhat;
@@ -417,6 +425,9 @@ void run_sums(const T* x, const T* dy, int64_t n, const float* k, bool act, floa
   for (int64_t i = vector_end; i < n; ++i) {
     const auto [dz, xhat] =
         grad_terms(static_cast<float>(x[i]), static_cast<float>(dy[i]), k, 1, act);
+    if (dz_cache != nullptr) {
+      dz_cache[i] = dz;
+    }
     sums[kSumDz] += dz;
     sums[kSumDzXhat] += dz * xhat;
     sums[kSumXhat] += xhat;
@@ -424,10 +435,10 @@ void run_sums(const T* x, const T* dy, int64_t n, const float* k, bool act, floa
 }
 
 // The same sums per channel over `rows` rows of C values. table: the backward table at sample b;
-// sums: kSums arrays of C floats, `stride` apart, starting at zero.
+// sums: kSums arrays of C floats, `stride` apart, starting at zero; dz_cache as above.
 template <typename T>
 void rows_sums(const T* x, const T* dy, int64_t rows, int64_t channels, const float* table,
-               int64_t table_stride, bool act, float* sums, int64_t stride) {
+               int64_t table_stride, bool act, float* sums, int64_t stride, float* dz_cache) {
   using L = Lanes<T>;
   const RowCoefs<kBackwardCoefs> k(table, table_stride);
   const int64_t vector_end = channels - channels % L::kSize;
@@ -448,6 +459,9 @@ void rows_sums(const T* x, const T* dy, int64_t rows, int64_t channels, const fl
         const GradCoefs coefs{shift.v[j], mean.v[j], rstd.v[j], weight.v[j], bias.v[j],
                               fVec(0.f), fVec(0.f)};
         const GradTerms g = grad_terms(value.v[j], grad.v[j], coefs, act);
+        if (dz_cache != nullptr) {
+          g.dz.store(dz_cache + row * channels + c + j * fVec::size());
+        }
         s_dz.v[j] = s_dz.v[j] + g.dz;
         s_dzx.v[j] = at::vec::fmadd(g.dz, g.xhat, s_dzx.v[j]);
         s_x.v[j] = s_x.v[j] + g.xhat;
@@ -459,6 +473,9 @@ void rows_sums(const T* x, const T* dy, int64_t rows, int64_t channels, const fl
     for (int64_t c = vector_end; c < channels; ++c) {
       const auto [dz, xhat] = grad_terms(static_cast<float>(in[c]), static_cast<float>(grad_in[c]),
                                          table + c, table_stride, act);
+      if (dz_cache != nullptr) {
+        dz_cache[row * channels + c] = dz;
+      }
       dz_sum[c] += dz;
       dzx_sum[c] += dz * xhat;
       x_sum[c] += xhat;
@@ -466,9 +483,11 @@ void rows_sums(const T* x, const T* dy, int64_t rows, int64_t channels, const fl
   }
 }
 
-// dx = rstd*w*dz + v*xhat + t over n contiguous values; k: the channel's coefficients.
+// dx = rstd*w*dz + v*xhat + t over n contiguous values; k: the channel's coefficients;
+// dz_cache: dz from the sum pass (it may be dx itself, read before written), or null.
 template <typename T>
-void run_grad(const T* x, const T* dy, T* dx, int64_t n, const float* k, bool act) {
+void run_grad(const T* x, const T* dy, T* dx, int64_t n, const float* k, bool act,
+              const float* dz_cache) {
   using L = Lanes<T>;
   const GradCoefs coefs = broadcast(k, /*with_vt=*/true);
   const fVec u = coefs.rstd * coefs.weight;
@@ -477,14 +496,17 @@ void run_grad(const T* x, const T* dy, T* dx, int64_t n, const float* k, bool ac
     const L value = L::load(x + i), grad = L::load(dy + i);
     L out;
     for (int j = 0; j < L::kVecs; ++j) {
-      const GradTerms g = grad_terms(value.v[j], grad.v[j], coefs, act);
+      const GradTerms g =
+          dz_cache != nullptr
+              ? GradTerms{fVec::loadu(dz_cache + i + j * fVec::size()), xhat_of(value.v[j], coefs)}
+              : grad_terms(value.v[j], grad.v[j], coefs, act);
       out.v[j] = at::vec::fmadd(u, g.dz, at::vec::fmadd(coefs.v, g.xhat, coefs.t));
     }
     out.store(dx + i);
   }
   for (int64_t i = vector_end; i < n; ++i) {
-    const auto [dz, xhat] =
-        grad_terms(static_cast<float>(x[i]), static_cast<float>(dy[i]), k, 1, act);
+    auto [dz, xhat] = grad_terms(static_cast<float>(x[i]), static_cast<float>(dy[i]), k, 1, act);
+    dz = dz_cache != nullptr ? dz_cache[i] : dz;
     dx[i] = static_cast<T>(k[kRstd] * k[kWeight] * dz + k[kV] * xhat + k[kT]);
   }
 }
@@ -492,7 +514,7 @@ void run_grad(const T* x, const T* dy, T* dx, int64_t n, const float* k, bool ac
 // The same over `rows` rows of C values; table: the backward table at sample b.
 template <typename T>
 void rows_grad(const T* x, const T* dy, T* dx, int64_t rows, int64_t channels, const float* table,
-               int64_t table_stride, bool act) {
+               int64_t table_stride, bool act, const float* dz_cache) {
   using L = Lanes<T>;
   const RowCoefs<kBackwardCoefs> k(table, table_stride);
   const int64_t vector_end = channels - channels % L::kSize;
@@ -509,15 +531,20 @@ void rows_grad(const T* x, const T* dy, T* dx, int64_t rows, int64_t channels, c
       for (int j = 0; j < L::kVecs; ++j) {
         const GradCoefs coefs{shift.v[j], mean.v[j], rstd.v[j], weight.v[j], bias.v[j], v.v[j],
                               t.v[j]};
-        const GradTerms g = grad_terms(value.v[j], grad.v[j], coefs, act);
+        const GradTerms g =
+            dz_cache != nullptr
+                ? GradTerms{fVec::loadu(dz_cache + row * channels + c + j * fVec::size()),
+                            xhat_of(value.v[j], coefs)}
+                : grad_terms(value.v[j], grad.v[j], coefs, act);
         result.v[j] = at::vec::fmadd(rstd.v[j] * weight.v[j], g.dz,
                                      at::vec::fmadd(v.v[j], g.xhat, t.v[j]));
       }
       result.store(out + c);
     }
     for (int64_t c = vector_end; c < channels; ++c) {
-      const auto [dz, xhat] = grad_terms(static_cast<float>(in[c]), static_cast<float>(grad_in[c]),
-                                         table + c, table_stride, act);
+      auto [dz, xhat] = grad_terms(static_cast<float>(in[c]), static_cast<float>(grad_in[c]),
+                                   table + c, table_stride, act);
+      dz = dz_cache != nullptr ? dz_cache[row * channels + c] : dz;
       out[c] = static_cast<T>(k.at(kRstd, c) * k.at(kWeight, c) * dz + k.at(kV, c) * xhat +
                               k.at(kT, c));
     }
@@ -599,6 +626,14 @@ void backward(const Problem& p, const at::Tensor& grad_y, const at::Tensor& mean
   float* part = partial.data_ptr<float>();
   const T* x = p.x.data_ptr<T>();
   const T* dy = grad_y.data_ptr<T>();
+  T* dx = grad_x.data_ptr<T>();
+  // float32: the sum pass leaves dz in grad_x for the gradient pass (one sigmoid per element
+  // instead of two); reduced dtypes recompute it, as dz would not survive rounding to them.
+  float* dz_cache = nullptr;
+  if constexpr (std::is_same_v<T, float>) {
+    dz_cache = act ? dx : nullptr;
+  }
+  const auto cache_at = [&](const Task& t) { return dz_cache ? dz_cache + t.offset : nullptr; };
   const auto channel_coefs = [&](const Task& t, float (&k)[kBackwardCoefs]) {
     for (int j = 0; j < kBackwardCoefs; ++j) {
       k[j] = table[j * BC + t.b * C + t.c];
@@ -609,27 +644,27 @@ void backward(const Problem& p, const at::Tensor& grad_y, const at::Tensor& mean
     if (p.layout == Layout::kChannelsFirst) {
       float k[kBackwardCoefs], sums[kSums];
       channel_coefs(t, k);
-      run_sums(x + t.offset, dy + t.offset, t.count, k, act, sums);
+      run_sums(x + t.offset, dy + t.offset, t.count, k, act, sums, cache_at(t));
       for (int s = 0; s < kSums; ++s) {
         part[s * components + i] = sums[s];
       }
     } else {
       rows_sums(x + t.offset, dy + t.offset, t.count, C, table + t.b * C, BC, act, part + i,
-                components);
+                components, cache_at(t));
     }
   });
 
   finalize_backward(p, tiling, part, table, grad_weight.data_ptr<float>(),
                     grad_bias.data_ptr<float>(), grad_shift.data_ptr<float>());
 
-  T* dx = grad_x.data_ptr<T>();
   parallel_tasks(p, tiling, [&](const Task& t) {
     if (p.layout == Layout::kChannelsFirst) {
       float k[kBackwardCoefs];
       channel_coefs(t, k);
-      run_grad(x + t.offset, dy + t.offset, dx + t.offset, t.count, k, act);
+      run_grad(x + t.offset, dy + t.offset, dx + t.offset, t.count, k, act, cache_at(t));
     } else {
-      rows_grad(x + t.offset, dy + t.offset, dx + t.offset, t.count, C, table + t.b * C, BC, act);
+      rows_grad(x + t.offset, dy + t.offset, dx + t.offset, t.count, C, table + t.b * C, BC, act,
+                cache_at(t));
     }
   });
 }
