@@ -49,7 +49,8 @@ def _cuda_library_include_dirs(cuda_home):
         import nvidia
     except ImportError:
         return []
-    return sorted(str(include) for root in nvidia.__path__ for include in Path(root).glob("*/include")
+    includes = (include for root in nvidia.__path__ for include in Path(root).glob("*/include"))
+    return sorted(str(include) for include in includes
                   if (include / "cusparse.h").exists() or (include / "curand_kernel.h").exists())
 
 
@@ -133,7 +134,8 @@ def _extensions():
         py_limited_api=False,
         optional=not _flag("SR3FAST_REQUIRE_EXT"),
     )
-    ext = cpp_extension.CUDAExtension(**kwargs) if with_cuda else cpp_extension.CppExtension(**kwargs)
+    make = cpp_extension.CUDAExtension if with_cuda else cpp_extension.CppExtension
+    ext = make(**kwargs)
     build_ext = cpp_extension.BuildExtension.with_options(use_ninja=True)
     return [ext], {"build_ext": build_ext}
 

@@ -79,7 +79,7 @@ def make_inputs(shape_id, options_id, device, dtype=torch.float32, channels_last
 
 
 def call(fn, inputs, grad_y=None, upcast=False):
-    """fn's output and, if grad_y is given, the gradients of every tensor input (None where absent)."""
+    """fn's output and, if grad_y is given, the gradients of the tensor inputs that exist."""
     names = ("x", "weight", "bias", "shift")
     tensors = {n: inputs[n] for n in names}
     if upcast:
@@ -179,7 +179,8 @@ def test_groupnorm_silu_fp32_matches_reference(shape_id, options_id, channels_la
     if channels_last:
         assert y.stride() == inputs["x"].stride(), "the output keeps the input's layout"
     reductions = max(group_size(inputs), inputs["x"].shape[0] * inputs["x"][0, 0].numel())
-    assert_within_baseline("y", y, y_64, y_ref, fp32_atol(group_size(inputs), y_64.abs().max().item()))
+    atol = fp32_atol(group_size(inputs), y_64.abs().max().item())
+    assert_within_baseline("y", y, y_64, y_ref, atol)
     assert set(grads) == set(grads_ref)
     for name, grad in grads.items():
         assert grad.dtype == torch.float32 and grad.shape == grads_ref[name].shape, name
@@ -275,7 +276,8 @@ def step_inputs(device, dtype=torch.float32, shape=(3, 3, 9, 7), channels_last=F
                          torch.full((batch,), sigma)], dim=1)
     y_t, eps, noise = (t.to(device, dtype) for t in (y_t, eps, noise))
     if channels_last:
-        y_t, eps, noise = (t.contiguous(memory_format=torch.channels_last) for t in (y_t, eps, noise))
+        y_t, eps, noise = (t.contiguous(memory_format=torch.channels_last)
+                           for t in (y_t, eps, noise))
     return y_t, eps, coefs.to(device), noise
 
 
@@ -295,7 +297,8 @@ def test_reverse_step_with_given_noise_is_exact(shape, dtype, channels_last, cli
     assert out.dtype == dtype and out.stride() == y_t.stride()
     assert torch.equal(out, want)
     if clip is not None:  # the clamp was active for some elements, or the test proves nothing
-        x0 = coefs[:, 0].reshape(-1, 1, 1, 1) * y_t.float() - coefs[:, 1].reshape(-1, 1, 1, 1) * eps.float()
+        a, b = coefs[:, 0].reshape(-1, 1, 1, 1), coefs[:, 1].reshape(-1, 1, 1, 1)
+        x0 = a * y_t.float() - b * eps.float()
         assert (x0.abs() > clip).any()
 
 
@@ -453,7 +456,8 @@ def test_sample_aoti_matches_the_python_sampler(aoti_denoiser, sampler):
     coefs = reverse_coefficients(schedule, sampler, x.shape[0], x.device)
     gammas = noise_levels(schedule, x.shape[0], x.device)
     y_T = torch.randn(x.shape, generator=torch.Generator().manual_seed(2))
-    want = SAMPLERS[sampler](model, x, schedule, y_T=y_T, generator=torch.Generator().manual_seed(3))
+    want = SAMPLERS[sampler](model, x, schedule, y_T=y_T,
+                             generator=torch.Generator().manual_seed(3))
     got = sample_aoti(path, x, y_T, coefs, gammas, clip=CLIP[sampler],
                       stochastic=sampler != "ddim", generator=torch.Generator().manual_seed(3))
     report(f"sample_aoti {sampler}", got, want)

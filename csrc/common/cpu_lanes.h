@@ -22,7 +22,8 @@ struct Lanes {
     if constexpr (kVecs == 1) {
       lanes.v[0] = fVec::loadu(data);
     } else {
-      std::tie(lanes.v[0], lanes.v[1]) = at::vec::convert_to_float<T>(at::vec::Vectorized<T>::loadu(data));
+      const auto packed = at::vec::Vectorized<T>::loadu(data);
+      std::tie(lanes.v[0], lanes.v[1]) = at::vec::convert_to_float<T>(packed);
     }
     return lanes;
   }
@@ -45,14 +46,6 @@ struct Lanes {
     } else {
       return load_float(data);
     }
-  }
-
-  static Lanes broadcast(float value) {
-    Lanes lanes;
-    for (int i = 0; i < kVecs; ++i) {
-      lanes.v[i] = fVec(value);
-    }
-    return lanes;
   }
 
   void store(T* data) const {

@@ -2,7 +2,7 @@
 //
 // Forward: moments per (b, c, chunk) -> per-(b, g) mean/rstd and the forward table ->
 // y = act(z). Backward: the backward table -> per-(b, c, chunk) sums -> per-(b, g) A, B (the
-// table's v, t) -> dx. The formulas and tables are described in math.h. Both memory layouts are read in place:
+// table's v, t) -> dx. math.h has the formulas and tables. Both layouts are read in place:
 //   channels-first (B, C, S): a task is a run of positions of one (b, c);
 //   channels-last  (B, S, C): a task is a block of rows (positions) of all C channels of one b.
 #include <algorithm>
@@ -29,8 +29,8 @@ using cpu::fVec;
 using cpu::Lanes;
 
 // A task touches about this many elements (32 KiB of float32: it stays in L1/L2 while the task
-// makes its two passes). The split depends only on the shape, never on the thread count, so results are
-// reproducible across machines.
+// makes its two passes). The split depends only on the shape, never on the thread count, so
+// results are reproducible across machines.
 constexpr int64_t kTaskElements = 8192;
 // Fewer elements than this in total run on one thread (ATen's GRAIN_SIZE).
 constexpr int64_t kParallelElements = 32768;

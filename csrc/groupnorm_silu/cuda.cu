@@ -441,8 +441,9 @@ __global__ void __launch_bounds__(kThreads)
       const int64_t bc = b * s.C + c;
       table[kV * BC + bc] = v;
       table[kT * BC + bc] = t;
-      grad_shift[bc] = table[kRstd * BC + bc] * table[kWeight * BC + bc] * totals[kSumDz * BC + bc] +
-                       v * totals[kSumXhat * BC + bc] + static_cast<float>(s.S) * t;
+      const float u = table[kRstd * BC + bc] * table[kWeight * BC + bc];
+      grad_shift[bc] = u * totals[kSumDz * BC + bc] + v * totals[kSumXhat * BC + bc] +
+                       static_cast<float>(s.S) * t;
       grad_weight[c] += totals[kSumDzXhat * BC + bc];
       grad_bias[c] += totals[kSumDz * BC + bc];
     }
@@ -531,10 +532,12 @@ void forward(const Problem& p, double eps, bool act, at::Tensor& y, at::Tensor& 
   with_vector_width<T>(g, [&](auto width) {
     constexpr int V = decltype(width)::value;
     if (g.channels_last) {
-      moments_channels_last<T, V><<<g.blocks, block_of(g), column_scratch_bytes<Moments>(g), stream>>>(
+      const size_t scratch = column_scratch_bytes<Moments>(g);
+      moments_channels_last<T, V><<<g.blocks, block_of(g), scratch, stream>>>(
           x, s, partial.data_ptr<float>());
     } else {
-      moments_channels_first<T, V><<<g.blocks, block_of(g), 0, stream>>>(x, s, partial.data_ptr<float>());
+      moments_channels_first<T, V><<<g.blocks, block_of(g), 0, stream>>>(
+          x, s, partial.data_ptr<float>());
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
@@ -582,7 +585,8 @@ void backward(const Problem& p, const at::Tensor& grad_y, const at::Tensor& mean
   with_vector_width<T>(g, [&](auto width) {
     constexpr int V = decltype(width)::value;
     if (g.channels_last) {
-      sums_channels_last<T, V><<<g.blocks, block_of(g), column_scratch_bytes<Sums<kSums>>(g), stream>>>(
+      const size_t scratch = column_scratch_bytes<Sums<kSums>>(g);
+      sums_channels_last<T, V><<<g.blocks, block_of(g), scratch, stream>>>(
           x, dy, s, table.data_ptr<float>(), act, partial.data_ptr<float>());
     } else {
       sums_channels_first<T, V><<<g.blocks, block_of(g), 0, stream>>>(

@@ -26,7 +26,9 @@ C10_HOST_DEVICE inline float sigmoid(float z) { return 1.f / (1.f + ::expf(-z));
 C10_HOST_DEVICE inline float activate(float z, bool act) { return act ? z * sigmoid(z) : z; }
 
 // h - mu, rounded as the reference rounds it.
-C10_HOST_DEVICE inline float centered(float x, float shift, float mean) { return (x + shift) - mean; }
+C10_HOST_DEVICE inline float centered(float x, float shift, float mean) {
+  return (x + shift) - mean;
+}
 
 // d/dz of activate(z), times dy.
 C10_HOST_DEVICE inline float activation_grad(float z, float dy, bool act) {

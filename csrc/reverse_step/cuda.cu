@@ -127,11 +127,9 @@ void launch(const Problem& p, at::Tensor& out, const at::PhiloxCudaState& philox
   TORCH_CHECK(blocks < (int64_t{1} << 31), "sr3fast::reverse_step: y_t ", p.y_t.sizes(),
               " is too large for one launch; split the batch");
   const auto stream = at::cuda::getCurrentCUDAStream();
-  if (quads) {
-    reverse_step_kernel<T, E, N, true><<<blocks, kThreads, 0, stream>>>(y, eps, noise, result, step, philox);
-  } else {
-    reverse_step_kernel<T, E, N, false><<<blocks, kThreads, 0, stream>>>(y, eps, noise, result, step, philox);
-  }
+  const auto kernel =
+      quads ? reverse_step_kernel<T, E, N, true> : reverse_step_kernel<T, E, N, false>;
+  kernel<<<blocks, kThreads, 0, stream>>>(y, eps, noise, result, step, philox);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -34,7 +34,8 @@ int failures = 0;
 
 void expect_close(const std::string& what, const at::Tensor& got, const at::Tensor& want,
                   double tolerance) {
-  const double error = (got.to(at::kDouble).cpu() - want.to(at::kDouble).cpu()).abs().max().item<double>();
+  const auto difference = got.to(at::kDouble).cpu() - want.to(at::kDouble).cpu();
+  const double error = difference.abs().max().item<double>();
   const bool ok = error <= tolerance;
   failures += ok ? 0 : 1;
   std::printf("%-58s max error %.3e (tolerance %.1e) %s\n", what.c_str(), error, tolerance,
@@ -197,7 +198,8 @@ void check_sample(const at::Device& device) {
   auto y = y_T.clone();
   for (int64_t i = 0; i < steps; ++i) {
     const auto eps = denoise(x, y, gammas[i]);
-    const auto z = i == steps - 1 ? at::zeros_like(y) : at::randn(y.sizes(), generator, y.options());
+    const auto z =
+        i == steps - 1 ? at::zeros_like(y) : at::randn(y.sizes(), generator, y.options());
     y = op<ReverseStep>("sr3fast::reverse_step").call(y, eps, coefs[i], z, 1.0, std::nullopt);
   }
   expect_close(std::string("sample ") + (device.is_cuda() ? "cuda" : "cpu") + " (exact)", got, y,

@@ -1,4 +1,4 @@
-"""sr3fast::groupnorm_silu (csrc/groupnorm_silu/): fake kernels, autograd, and the backend function."""
+"""sr3fast::groupnorm_silu (csrc/groupnorm_silu/): fake kernels, autograd, the backend function."""
 from __future__ import annotations
 
 import torch
