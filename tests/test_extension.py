@@ -251,6 +251,37 @@ def test_groupnorm_silu_statistics_are_float32(device):
     assert torch.allclose(rstd, want_rstd, rtol=fp32_atol(grouped.shape[-1], 8.0), atol=0)
 
 
+@cuda_only
+@pytest.mark.cuda
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+def test_groupnorm_silu_cuda_graph_replay_matches_eager(channels_last):
+    """Forward and backward launch on the current stream with no host synchronisation, so a
+    captured graph replays them; batch 1 with large groups takes the split-group path."""
+    x = torch.randn(1, 64, 64, 64, device="cuda")
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    weight, bias = torch.randn(64, device="cuda"), torch.randn(64, device="cuda")
+    shift, grad_y = torch.randn(1, 64, device="cuda"), torch.randn_like(x)
+    op, backward = torch.ops.sr3fast.groupnorm_silu, torch.ops.sr3fast.groupnorm_silu_backward
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):  # warm-up on a side stream, as CUDA graphs require
+        y, mean, rstd = op(x, 32, weight, bias, 1e-5, shift, True)
+        backward(grad_y, x, mean, rstd, 32, weight, bias, shift, True)
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y, mean, rstd = op(x, 32, weight, bias, 1e-5, shift, True)
+        grads = backward(grad_y, x, mean, rstd, 32, weight, bias, shift, True)
+    x.copy_(torch.randn_like(x))  # new input, same buffer
+    graph.replay()
+    want_y, want_mean, want_rstd = op(x, 32, weight, bias, 1e-5, shift, True)
+    want_grads = backward(grad_y, x, want_mean, want_rstd, 32, weight, bias, shift, True)
+    assert torch.equal(y, want_y)
+    for got, want in zip(grads, want_grads):
+        assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_groupnorm_silu_errors_say_what_is_wrong(device):
     x = torch.randn(2, 6, 4, 4, device=device)
