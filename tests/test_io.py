@@ -98,6 +98,16 @@ def test_atomic_path_replaces_only_on_success(tmp_path):
     assert target.read_bytes() == b"new" and os.listdir(tmp_path) == ["file.bin"]
 
 
+def test_atomic_files_get_the_usual_permissions(tmp_path):
+    previous = os.umask(0o022)
+    try:
+        with atomic_path(tmp_path / "f.bin") as tmp:
+            tmp.write_bytes(b"x")
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "f.bin").stat().st_mode & 0o777 == 0o644
+
+
 def test_writing_into_a_missing_folder_fails_and_writes_nothing(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         save_image_atomic(Image.new("RGB", (2, 2)), tmp_path / "missing" / "out.png")
