@@ -161,9 +161,10 @@ def cpp_loop_unavailable() -> str:
         import sr3fast._C  # noqa: F401
     except ImportError as err:
         return f"the compiled extension sr3fast._C is not built ({err})"
-    if not hasattr(torch.ops.sr3fast, "sample_loop"):
-        return "sr3fast._C has no C++ sampling loop yet (looked for torch.ops.sr3fast.sample_loop)"
-    return "the harness does not drive the C++ sampling loop yet"
+    if not hasattr(torch.ops.sr3fast, "sample_aoti"):
+        return "sr3fast._C was built without the C++ sampling loop (torch.ops.sr3fast.sample_aoti)"
+    return ("the C++ loop (torch.ops.sr3fast.sample_aoti) exists but the samplers have no "
+            "loop='cpp' yet, so the harness cannot drive it with the U-Net")
 
 
 class ModelCache:
