@@ -19,7 +19,6 @@ from __future__ import annotations
 import copy
 import gc
 import time
-import traceback
 from dataclasses import dataclass
 from functools import partial
 from types import SimpleNamespace
@@ -33,7 +32,7 @@ from sr3fast import backends
 from . import counting, hardware, metrics, report
 from .availability import backend_unavailable
 from .memory import peak_memory
-from .records import Row
+from .records import Row, measuring
 from .timing import Budget, measure, synchronize, time_first_call
 
 DEFAULT_CONFIGS = ("public-16-128", "public-64-512", "paper-64-256", "small")
@@ -209,7 +208,7 @@ def run_row(config: str, batch: int, impl: Implementation, models: ModelCache,
     if reason:
         return row.skip(reason)
     row.flops, row.bytes = counts.flops, counts.bytes(dtype)
-    try:
+    with measuring(row, f" at batch {batch}", cleanup=lambda: _release(device)):
         with sr3fast.backend(impl.backend), torch.inference_mode():
             row.backends = {op: backends.resolve(op, device.type) for op in STEP_OPS}
             model = models.get(dtype)
@@ -241,14 +240,6 @@ def run_row(config: str, batch: int, impl: Implementation, models: ModelCache,
             if settings.measure_sampling and not impl.cuda_graph:
                 _measure_sampling(row, model, predict_noise, x, settings)
             row.note = "; ".join(notes) or None
-    except torch.cuda.OutOfMemoryError as err:
-        row.skip(f"out of memory at batch {batch}: {str(err).splitlines()[0]}")
-    except Exception as err:  # a real failure: reported in the row and by the exit status
-        traceback.print_exc()
-        row.fail(f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
-    finally:
-        torch._dynamo.reset()
-        _release(device)
     return row
 
 

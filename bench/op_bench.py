@@ -1,7 +1,6 @@
 """Per-op microbenchmarks: every case of op_cases x every provider, one Row each."""
 from __future__ import annotations
 
-import traceback
 from contextlib import nullcontext
 from typing import Callable
 
@@ -11,7 +10,7 @@ import sr3fast
 
 from . import hardware, metrics
 from .op_cases import OpCase, make_callable, provider_unavailable, providers
-from .records import Row
+from .records import Row, measuring
 from .timing import Budget, measure, time_first_call
 
 BASELINE = "torch"
@@ -42,7 +41,7 @@ def run_case(case: OpCase, provider: str, device: torch.device, budget: Budget, 
         return row.skip(reason)
     setattr(row, case.primary, case.work(dtype))
     backend = provider.split(":", 1)[1] if provider.startswith("sr3fast:") else None
-    try:
+    with measuring(row):
         inputs = case.make_inputs(device, dtype)
         call = make_callable(case, provider, inputs, compile_mode)
         with sr3fast.backend(backend) if backend else nullcontext(), torch.inference_mode():
@@ -51,11 +50,4 @@ def run_case(case: OpCase, provider: str, device: torch.device, budget: Budget, 
                 row.note = f"mode={compile_mode}"
             timing = measure(call, device, budget, flush_cache=True)
         row.set_timing(timing.summary())
-    except torch.cuda.OutOfMemoryError as err:
-        row.skip(f"out of memory: {str(err).splitlines()[0]}")
-    except Exception as err:  # a real failure: reported in the row and by the exit status
-        traceback.print_exc()
-        row.fail(f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
-    finally:
-        torch._dynamo.reset()
     return row

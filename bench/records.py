@@ -2,8 +2,13 @@
 from __future__ import annotations
 
 import json
+import traceback
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Callable
+
+import torch
 
 from sr3fast.atomic import atomic_path
 
@@ -65,6 +70,24 @@ class Row:
     def fail(self, reason: str) -> "Row":
         self.status, self.reason = ERROR, reason
         return self
+
+
+@contextmanager
+def measuring(row: Row, context: str = "", cleanup: Callable[[], None] | None = None):
+    """Run one row's measurement: out of memory skips the row; any other exception is a real
+    failure, printed and recorded in the row (and so in the run's exit status). Dynamo's caches
+    are reset afterwards so no row reuses another's compilation."""
+    try:
+        yield row
+    except torch.cuda.OutOfMemoryError as err:
+        row.skip(f"out of memory{context}: {str(err).splitlines()[0]}")
+    except Exception as err:
+        traceback.print_exc()
+        row.fail(f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+    finally:
+        torch._dynamo.reset()
+        if cleanup is not None:
+            cleanup()
 
 
 def write_json(path: Path, environment: dict, settings: dict, rows: list[Row], merge: bool = False) -> None:
