@@ -1,25 +1,89 @@
-// The Python module `sr3fast._C`: an empty module whose only job is to load this shared library,
-// so that the TORCH_LIBRARY / TORCH_LIBRARY_IMPL static initialisers register the sr3fast::* ops
-// with the dispatcher. The ops themselves are reached through torch.ops.sr3fast, not pybind11.
+// The Python module `sr3fast._C`. Loading it registers the sr3fast::* ops with the dispatcher
+// (TORCH_LIBRARY static initialisers), reached through torch.ops.sr3fast. The pybind11 bindings
+// are the sampling loop for Python, whose denoiser may be a Python callable (a type no op schema
+// can take), and the metadata of the packages that loop loads.
 //
 // torch's BuildExtension defines TORCH_EXTENSION_NAME; a CMake build (a plain C++ library) does
 // not, and then this file compiles to nothing and needs no Python headers.
 #ifdef TORCH_EXTENSION_NAME
-#include <Python.h>
+#include <optional>
+#include <string>
 
-#define SR3FAST_CONCAT_(a, b) a##b
-#define SR3FAST_CONCAT(a, b) SR3FAST_CONCAT_(a, b)
-#define SR3FAST_STRINGIFY_(a) #a
-#define SR3FAST_STRINGIFY(a) SR3FAST_STRINGIFY_(a)
+#include <torch/csrc/utils/pybind.h>
+#include <torch/extension.h>
 
-extern "C" PyMODINIT_FUNC SR3FAST_CONCAT(PyInit_, TORCH_EXTENSION_NAME)(void) {
-  static PyModuleDef module = {
-      PyModuleDef_HEAD_INIT,
-      SR3FAST_STRINGIFY(TORCH_EXTENSION_NAME),
-      "sr3fast's compiled ops; importing registers them as torch.ops.sr3fast.*",
-      -1,
-      nullptr,
+#include "sampler/aoti.h"
+#include "sampler/sampler.h"
+
+namespace {
+
+namespace py = pybind11;
+
+// The denoiser of one sampling call: the path of an AOTInductor package (run without the GIL),
+// or a Python callable f(x, y_t, gamma) -> eps (run with it).
+sr3fast::Denoiser make_denoiser(const py::object& denoiser, const c10::Device& device) {
+  if (py::isinstance<py::str>(denoiser)) {
+    return sr3fast::aoti_denoiser(sr3fast::aoti_package(denoiser.cast<std::string>(), device));
+  }
+  if (!PyCallable_Check(denoiser.ptr())) {
+    throw py::type_error("denoiser must be a package path (str) or a callable f(x, y_t, gamma) -> "
+                         "eps, got " + std::string(py::str(py::type::of(denoiser))));
+  }
+  return [denoiser](const at::Tensor& x, const at::Tensor& y_t, const at::Tensor& gamma) {
+    const py::gil_scoped_acquire gil;
+    const py::object eps = denoiser(x, y_t, gamma);
+    if (!THPVariable_Check(eps.ptr())) {
+      throw py::type_error("the denoiser must return a tensor (eps), it returned " +
+                           std::string(py::str(py::type::of(eps))));
+    }
+    return THPVariable_Unpack(eps.ptr());
   };
-  return PyModule_Create(&module);
+}
+
+// sr3fast::sample (csrc/sampler/sampler.h) for Python: every step in C++, the GIL released except
+// while a Python denoiser or callback runs. callback(i, y) after loop step i, optional.
+at::Tensor sample(const py::object& denoiser, const at::Tensor& x, const at::Tensor& y_T,
+                  const at::Tensor& coefs, const at::Tensor& gammas, std::optional<double> clip,
+                  bool stochastic, bool kernel_noise, std::optional<at::Generator> generator,
+                  const py::object& callback) {
+  const c10::DeviceGuard guard(x.device());
+  sr3fast::SampleOptions options;
+  options.clip = clip;
+  options.stochastic = stochastic;
+  options.noise = kernel_noise ? sr3fast::NoiseSource::kKernel : sr3fast::NoiseSource::kTorch;
+  options.generator = std::move(generator);
+  if (!callback.is_none()) {
+    options.callback = [callback](int64_t step, const at::Tensor& y) {
+      const py::gil_scoped_acquire gil;
+      callback(step, y);
+    };
+  }
+  // Built and destroyed with the GIL held: they own references to Python objects.
+  const sr3fast::Denoiser denoise = make_denoiser(denoiser, x.device());
+  at::Tensor y_0;
+  {
+    const py::gil_scoped_release no_gil;
+    y_0 = sr3fast::sample(denoise, x, y_T, coefs, gammas, options);
+  }
+  return y_0;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "sr3fast's compiled ops; importing registers them as torch.ops.sr3fast.*";
+  m.def("sample", &sample, py::arg("denoiser"), py::arg("x"), py::arg("y_T"), py::arg("coefs"),
+        py::arg("gammas"), py::arg("clip"), py::arg("stochastic"), py::arg("kernel_noise"),
+        py::arg("generator"), py::arg("callback"),
+        "Every step of an SR3 sampler in C++; denoiser: package path or f(x, y_t, gamma) -> eps. "
+        "Returns y_0 (float32). See sr3fast.diffusion.loops.");
+  m.def(
+      "package_metadata",
+      [](const std::string& path, const c10::Device& device) {
+        const py::gil_scoped_release no_gil;  // the first call loads the package
+        return sr3fast::aoti_package(path, device).get_metadata();
+      },
+      py::arg("path"), py::arg("device"),
+      "The metadata of the package at path, loaded onto device into the cache sample() uses.");
 }
 #endif

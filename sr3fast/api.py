@@ -118,7 +118,8 @@ def _default_sampler(model) -> str:
 
 @torch.no_grad()
 def upscale(x, model=None, *, steps: int = 100, sampler: str | None = None, seed: int | None = None,
-            progress: bool = True, noise: str = "torch", schedule=None):
+            progress: bool = True, noise: str = "torch", schedule=None, loop: str = "python",
+            package=None):
     """Super-resolve `x` with SR3 (Algorithm 2 of the paper, or the sampler named).
 
     x: float tensor (B, 3, h, w) in [0, 1], uint8 tensor, PIL image, or image path. Returns the
@@ -133,6 +134,11 @@ def upscale(x, model=None, *, steps: int = 100, sampler: str | None = None, seed
     were sampled), 'sr3' (Algorithm 2) or 'ddim'; default by architecture. seed: same seed, same
     image (noise='torch' draws the noise with torch on the model's device, so every backend gives
     the same image; 'kernel' lets fused backends draw it in-kernel).
+
+    loop: where the sampling steps run, 'python', 'cpp' (C++, sr3fast._C) or 'graph' (one CUDA
+    graph launch per step); the same seed gives the same image in each (see
+    sr3fast.diffusion.loops). package: a path from `sr3fast export`, the U-Net compiled ahead of
+    time for this output size and batch, used in place of the model's forward.
     """
     from .diffusion import NoiseSchedule, respace, sample
 
@@ -167,7 +173,7 @@ def upscale(x, model=None, *, steps: int = 100, sampler: str | None = None, seed
     generator.manual_seed(seed if seed is not None else int(torch.randint(2**62, ()).item()))
 
     result = sample(sampler or _default_sampler(model), model, condition.to(dtype), schedule,
-                    generator=generator, noise=noise, progress=progress)
+                    generator=generator, noise=noise, progress=progress, loop=loop, package=package)
     result = result[..., :height, :width].float()
     return from_unit_batch((result + 1) / 2, kind)
 

@@ -58,7 +58,7 @@ def cmd_upscale(args) -> int:
     for index, (source, target) in enumerate(zip(inputs, outputs)):
         image = sr3fast.upscale(source, model=model, steps=args.steps, sampler=args.sampler,
                                 seed=None if args.seed is None else args.seed + index,
-                                progress=not args.quiet)
+                                progress=not args.quiet, loop=args.loop, package=args.package)
         save_image_atomic(image, target)
         print(f"{source} -> {target} ({image.width}x{image.height})")
     return 0
@@ -71,6 +71,39 @@ def cmd_convert(args) -> int:
     path = sr3fast.save(model, args.output)
     params = sum(p.numel() for p in model.parameters())
     print(f"wrote {path} ({params:,} parameters, {model.config.low_res}->{model.config.high_res})")
+    return 0
+
+
+def _size(text: str) -> tuple[int, int]:
+    """'128' or '128x96' (height x width)."""
+    parts = text.lower().split("x")
+    try:
+        values = tuple(int(part) for part in parts)
+    except ValueError:
+        values = ()
+    if len(values) not in (1, 2) or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"size must be N or HxW in pixels, got {text!r}")
+    return values * 2 if len(values) == 1 else values
+
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def cmd_export(args) -> int:
+    import time
+
+    import torch
+
+    import sr3fast
+    from .export import export
+
+    model = sr3fast.load(args.model, config=args.config)
+    started = time.perf_counter()
+    with sr3fast.backend(args.backend):
+        path = export(model, args.output, batch=args.batch, size=args.size, device=args.device,
+                      dtype=getattr(torch, args.dtype) if args.dtype else None)
+    size = f"{path.stat().st_size / 2**20:.1f} MiB"
+    print(f"wrote {path} ({size}, compiled in {time.perf_counter() - started:.0f} s)")
     return 0
 
 
@@ -105,8 +138,27 @@ def build_parser() -> argparse.ArgumentParser:
                     help="default: posterior for public checkpoints, sr3 for paper models")
     up.add_argument("--seed", type=int, default=None, help="seed for reproducible samples")
     up.add_argument("--device", default=None, help="e.g. cuda, cpu (default: where the model loads)")
+    up.add_argument("--loop", choices=("python", "cpp", "graph"), default="python",
+                    help="where the sampling steps run: python, cpp (C++), graph (CUDA graph)")
+    up.add_argument("--package", help="the U-Net compiled by `sr3fast export` for these images' size")
     up.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     up.set_defaults(run=cmd_upscale)
+
+    ex = commands.add_parser("export", help="compile the U-Net ahead of time (AOTInductor .pt2 package)",
+                             description="Compile MODEL's denoiser for one input shape into a .pt2 "
+                             "package: for `upscale --loop cpp --package`, and for C++ programs "
+                             "(sr3fast_sample, built by CMakeLists.txt).")
+    ex.add_argument("model", help="sr3fast checkpoint, public *_gen.pth (with --config) or preset name")
+    ex.add_argument("--config", help="JSON config of a public SR3 checkpoint")
+    ex.add_argument("-o", "--output", required=True, help="the .pt2 package to write")
+    ex.add_argument("--size", type=_size, default=None,
+                    help="output image size, N or HxW (default: the model's high resolution)")
+    ex.add_argument("--batch", type=int, default=1, help="images per call (default 1)")
+    ex.add_argument("--device", default="cpu", help="device the package runs on (default cpu)")
+    ex.add_argument("--dtype", choices=DTYPES, default=None, help="default: the checkpoint's")
+    ex.add_argument("--backend", default="auto",
+                    help="sr3fast backend whose ops are compiled in (default auto)")
+    ex.set_defaults(run=cmd_export)
 
     convert = commands.add_parser("convert", help="public SR3 checkpoint + config -> sr3fast checkpoint")
     convert.add_argument("checkpoint", help="*_gen.pth of the public SR3 code")

@@ -13,14 +13,16 @@ against them before the package sees it. Weights are frozen into the package (in
 """
 from __future__ import annotations
 
+import copy
 import json
 import os
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .atomic import atomic_path
+from .atomic import atomic_path, fsync_dir
 
 FORMAT = "sr3fast-denoiser-1"  # metadata "sr3fast.format": what the package is and its inputs
 
@@ -47,15 +49,19 @@ def export_denoiser(model, x: torch.Tensor, path: str | os.PathLike,
     with torch.no_grad():
         program = torch.export.export(_PredictNoise(model).eval(), (x, x.clone(), gamma))
     configs = {"aot_inductor.metadata": dict(metadata or {})}
-    with atomic_path(path) as tmp, torch._inductor.config.patch(freezing=True):
-        # The package file name must end in .pt2; the temporary one gets it too.
-        staged = tmp.with_name(tmp.name + ".pt2")
-        try:
-            torch._inductor.aoti_compile_and_package(program, package_path=str(staged),
-                                                     inductor_configs=configs)
-            os.replace(staged, tmp)
-        finally:
-            staged.unlink(missing_ok=True)
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"cannot write {str(path)!r}: folder {str(path.parent)!r} does not exist")
+    # Staged under its final name in a private folder beside it (the archive's entries are named
+    # after the file), then renamed into place: never a half-written package at `path`.
+    with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent) as folder, \
+            torch._inductor.config.patch(freezing=True):
+        staged = Path(folder) / path.name
+        torch._inductor.aoti_compile_and_package(program, package_path=str(staged),
+                                                 inductor_configs=configs)
+        with open(staged, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.replace(staged, path)
+    fsync_dir(path.parent)
     return path
 
 
@@ -80,7 +86,9 @@ def export(model, path: str | os.PathLike, *, batch: int = 1, size: int | tuple[
     parameter = next(model.parameters())
     device = torch.device(device) if device is not None else parameter.device
     dtype = dtype or parameter.dtype
-    model = model.to(device=device, dtype=dtype).eval()
+    if (device, dtype) != (parameter.device, parameter.dtype):
+        model = copy.deepcopy(model).to(device=device, dtype=dtype)  # the caller's model stays put
+    model.eval()
     channels = config.unet.out_channel
     x = torch.zeros(batch, channels, height, width, device=device, dtype=dtype)
     info = PackageInfo(shape=tuple(x.shape), dtype=dtype, device_type=device.type, config=config.to_dict())

@@ -3,17 +3,19 @@
     schedule = NoiseSchedule.from_config(model.config.schedule)     # or NoiseSchedule(betas)
     loss = diffusion_loss(model, x, y0, schedule, loss="l1")         # Algorithm 1
     y0 = sample("posterior", model, x, respace(schedule, 100), generator=g)
+    y0 = sample("posterior", model, x, schedule, generator=g, loop="cpp")   # steps in C++
 
 The per-step tables the samplers run on (`reverse_coefficients`, `noise_levels`) are the
 contract shared with the C++ sampling loop; see sr3fast.diffusion.coefficients.
 """
 from .coefficients import CLIP, SAMPLER_NAMES, noise_levels, reverse_coefficients
+from .loops import LOOPS
 from .loss import diffusion_loss, sample_gamma
 from .samplers import SAMPLERS, sample, sample_ddim, sample_posterior, sample_sr3
 from .schedules import SCHEDULES, NoiseSchedule, make_betas, respace
 
 __all__ = [
-    "CLIP", "SAMPLERS", "SAMPLER_NAMES", "SCHEDULES", "NoiseSchedule", "diffusion_loss",
+    "CLIP", "LOOPS", "SAMPLERS", "SAMPLER_NAMES", "SCHEDULES", "NoiseSchedule", "diffusion_loss",
     "make_betas", "noise_levels", "respace", "reverse_coefficients", "sample", "sample_ddim",
     "sample_gamma", "sample_posterior", "sample_sr3",
 ]

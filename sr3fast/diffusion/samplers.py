@@ -4,10 +4,12 @@
     sample_posterior  x0 clipped to [-1, 1], posterior variance: how the public checkpoints sample
     sample_ddim       DDIM (Song et al. 2021), eta = 0 deterministic
 
-All share one signature, (model, x, schedule, *, y_T, generator, noise, callback, progress),
-and one loop (`_run`): per step, eps = model.predict_noise(x, y_t, g_t), then the fused
+All share one signature, (model, x, schedule, *, y_T, generator, noise, callback, progress, loop,
+package), and one setup (`_run`): per step, eps = model.predict_noise(x, y_t, g_t), then the fused
 `sr3fast.ops.reverse_step` with that step's row of the coefficient table; see
-sr3fast.diffusion.coefficients for the table contract, which the C++ loop shares.
+sr3fast.diffusion.coefficients for the table contract. loop= picks where the steps run: "python",
+"cpp" or "graph" (sr3fast.diffusion.loops). package= (a path from `sr3fast export`) replaces
+model.predict_noise with the AOTInductor-compiled U-Net; model may then be None.
 
 Randomness: y_T ~ N(0, I) is drawn from `generator` (unless given as y_T=). With
 noise="torch", each step's z is drawn with torch.randn(..., generator=generator) on x's device
@@ -25,14 +27,10 @@ from typing import Callable
 
 import torch
 
-from .. import ops
 from ._checks import check_generator
 from .coefficients import CLIP, noise_levels, reverse_coefficients
+from .loops import LOOPS, NOISE_SOURCES, STATE_DTYPE, SamplingRun, package_denoiser, run_cpp, run_graph, run_python
 from .schedules import NoiseSchedule
-
-NOISE_SOURCES = ("torch", "kernel")
-STATE_DTYPE = torch.float32  # of y between steps, whatever the model runs in
-
 
 def _initial_noise(x: torch.Tensor, y_T: torch.Tensor | None,
                    generator: torch.Generator | None) -> torch.Tensor:
@@ -46,44 +44,55 @@ def _initial_noise(x: torch.Tensor, y_T: torch.Tensor | None,
 
 def _run(model, x: torch.Tensor, schedule: NoiseSchedule, sampler: str, *, eta: float = 0.0,
          clip: float | None, y_T: torch.Tensor | None, generator: torch.Generator | None,
-         noise: str, callback: Callable | None, progress: bool) -> torch.Tensor:
-    """The loop every sampler shares (the contract in sr3fast.diffusion.coefficients)."""
+         noise: str, callback: Callable | None, progress: bool, loop: str, package) -> torch.Tensor:
+    """The setup every sampler shares (the contract in sr3fast.diffusion.coefficients), then the
+    steps in the chosen loop (sr3fast.diffusion.loops)."""
     if noise not in NOISE_SOURCES:
         raise ValueError(f"noise must be one of {NOISE_SOURCES}, got {noise!r}")
+    if loop not in LOOPS:
+        raise ValueError(f"loop must be one of {LOOPS}, got {loop!r}")
     if x.dim() != 4:
         raise ValueError(f"x must be the upsampled condition, shape (B, C, H, W); got {tuple(x.shape)}")
     check_generator(generator, x.device, f"sample_{sampler}")
+    if package is not None:
+        denoiser = package_denoiser(package, x, loop)
+    elif model is None:
+        raise ValueError(f"sample_{sampler} needs a model (or package=, a path from `sr3fast export`)")
+    else:
+        denoiser = model.predict_noise
     batch, device = x.shape[0], x.device
-    coefs = reverse_coefficients(schedule, sampler, batch, device, eta=eta)
-    gammas = noise_levels(schedule, batch, device)
-    y = _initial_noise(x, y_T, generator)
-    no_noise = torch.zeros_like(y)
-    stochastic = sampler != "ddim" or eta > 0
-
-    steps = range(schedule.num_steps)
+    run = SamplingRun(x=x, y_T=_initial_noise(x, y_T, generator),
+                      coefs=reverse_coefficients(schedule, sampler, batch, device, eta=eta),
+                      gammas=noise_levels(schedule, batch, device), clip=clip,
+                      stochastic=sampler != "ddim" or eta > 0, noise=noise, generator=generator)
+    bar = None
     if progress:
         from tqdm.auto import tqdm
-        steps = tqdm(steps, desc=f"SR3 {sampler} sampling", unit="step")
-    last = schedule.num_steps - 1
-    for i in steps:
-        eps = model.predict_noise(x, y.to(x.dtype), gammas[i])
-        if not stochastic or i == last:
-            z = no_noise
-        elif noise == "torch":
-            z = torch.randn(y.shape, generator=generator, device=device, dtype=STATE_DTYPE)
-        else:
-            z = None  # drawn in-kernel from `generator`
-        y = ops.reverse_step(y, eps.to(STATE_DTYPE), coefs[i], noise=z, clip=clip,
-                             generator=generator)
+        bar = tqdm(total=run.steps, desc=f"SR3 {sampler} sampling ({loop} loop)", unit="step")
+        callback = _with_progress(bar, callback)
+    try:
+        return LOOP_RUNNERS[loop](denoiser, run, callback)
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _with_progress(bar, callback: Callable | None) -> Callable:
+    def advance(i: int, y: torch.Tensor) -> None:
+        bar.update(1)
         if callback is not None:
             callback(i, y)
-    return y
+    return advance
+
+
+LOOP_RUNNERS = {"python": run_python, "cpp": run_cpp, "graph": run_graph}
 
 
 @torch.no_grad()
 def sample_sr3(model, x: torch.Tensor, schedule: NoiseSchedule, *, y_T: torch.Tensor | None = None,
                generator: torch.Generator | None = None, noise: str = "torch",
-               callback: Callable | None = None, progress: bool = False) -> torch.Tensor:
+               callback: Callable | None = None, progress: bool = False, loop: str = "python",
+               package=None) -> torch.Tensor:
     """Algorithm 2 of Saharia et al. (2021): y_T ~ N(0, I), then for t = T..1
 
         y_{t-1} = (1/sqrt(a_t))·(y_t - (1 - a_t)/sqrt(1 - g_t)·f(x, y_t, g_t)) + sqrt(1 - a_t)·z,
@@ -94,14 +103,14 @@ def sample_sr3(model, x: torch.Tensor, schedule: NoiseSchedule, *, y_T: torch.Te
     x: (B, C, H, W) upsampled condition; callback(i, y) after loop step i (y = y_{T-1-i}).
     """
     return _run(model, x, schedule, "sr3", clip=CLIP["sr3"], y_T=y_T, generator=generator,
-                noise=noise, callback=callback, progress=progress)
+                noise=noise, callback=callback, progress=progress, loop=loop, package=package)
 
 
 @torch.no_grad()
 def sample_posterior(model, x: torch.Tensor, schedule: NoiseSchedule, *, clip: float | None = 1.0,
                      y_T: torch.Tensor | None = None, generator: torch.Generator | None = None,
                      noise: str = "torch", callback: Callable | None = None,
-                     progress: bool = False) -> torch.Tensor:
+                     progress: bool = False, loop: str = "python", package=None) -> torch.Tensor:
     """Ancestral DDPM sampling as the public SR3 code does it (p_sample, clip_denoised=True):
 
         x0      = clamp(y_t/sqrt(g_t) - sqrt(1/g_t - 1)·f(x, y_t, g_t), -clip, clip)
@@ -114,14 +123,15 @@ def sample_posterior(model, x: torch.Tensor, schedule: NoiseSchedule, *, clip: f
     x: (B, C, H, W) upsampled condition; callback(i, y) after loop step i (y = y_{T-1-i}).
     """
     return _run(model, x, schedule, "posterior", clip=clip, y_T=y_T, generator=generator,
-                noise=noise, callback=callback, progress=progress)
+                noise=noise, callback=callback, progress=progress, loop=loop, package=package)
 
 
 @torch.no_grad()
 def sample_ddim(model, x: torch.Tensor, schedule: NoiseSchedule, *, eta: float = 0.0,
                 clip: float | None = None, y_T: torch.Tensor | None = None,
                 generator: torch.Generator | None = None, noise: str = "torch",
-                callback: Callable | None = None, progress: bool = False) -> torch.Tensor:
+                callback: Callable | None = None, progress: bool = False, loop: str = "python",
+                package=None) -> torch.Tensor:
     """DDIM (Song et al. 2021, eq. 12) over the schedule's noise levels, for t = T..1:
 
         x0      = y_t/sqrt(g_t) - sqrt(1/g_t - 1)·f(x, y_t, g_t)   (clamped when clip is given)
@@ -135,7 +145,7 @@ def sample_ddim(model, x: torch.Tensor, schedule: NoiseSchedule, *, eta: float =
     x: (B, C, H, W) upsampled condition; callback(i, y) after loop step i (y = y_{T-1-i}).
     """
     return _run(model, x, schedule, "ddim", eta=eta, clip=clip, y_T=y_T, generator=generator,
-                noise=noise, callback=callback, progress=progress)
+                noise=noise, callback=callback, progress=progress, loop=loop, package=package)
 
 
 SAMPLERS = {"sr3": sample_sr3, "posterior": sample_posterior, "ddim": sample_ddim}
