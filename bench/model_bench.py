@@ -6,13 +6,17 @@ Implementations (the `key` selects them on the command line):
 
   reference-eager          reference backend, float32, eager: the baseline of every speed-up
   reference-compiled       the same under torch.compile (max-autotune on GPU: inductor's own
-                           CUDA graphs included; the default mode on CPU)
+                           CUDA graphs included; the default mode on CPU, with inductor's
+                           freezing: weights constant, oneDNN convolution weights prepacked)
   reference-compiled-bf16  the same in bfloat16 (GPU): the strongest plain-PyTorch baseline at
                            the fused rows' precision, so their speed-up is not all bf16's
   fused-<backend>          sr3fast's fused ops on that backend, eager; bf16 on GPU
+  fused-compiled           the fastest backend per op (auto) under torch.compile, as
+                           reference-compiled
   fused-compiled-graph     the fastest backend per op (auto), torch.compile
                            (max-autotune-no-cudagraphs) and the step captured as one CUDA graph
-  cpp-loop                 the C++ sampling loop, when the extension provides one
+
+The sampling loops (Python, C++, CUDA graph) are measured by loop_bench.
 """
 from __future__ import annotations
 
@@ -69,11 +73,11 @@ IMPLEMENTATIONS = (
                    cuda_only=True),
     *(Implementation(f"fused-{name}", f"fused {name}", name, torch.bfloat16)
       for name in ("triton", "cuda", "cpu")),
+    Implementation("fused-compiled", "fused auto + compile", "auto", torch.bfloat16, RUN_MODE),
     Implementation("fused-compiled-graph", "fused auto + compile + graph", "auto", torch.bfloat16,
                    RUN_MODE_NO_GRAPHS, cuda_graph=True, cuda_only=True),
 )
-CPP_LOOP = "cpp-loop"
-KEYS = (*(impl.key for impl in IMPLEMENTATIONS), CPP_LOOP)
+KEYS = tuple(impl.key for impl in IMPLEMENTATIONS)
 BASELINE = "reference eager"
 
 
@@ -89,7 +93,7 @@ class ModelSettings:
     sampler: str = "posterior"
 
 
-def run_config(config: str, batches: list[int], implementations: list[Implementation], cpp_loop: bool,
+def run_config(config: str, batches: list[int], implementations: list[Implementation],
                settings: ModelSettings, progress: Callable[[str], None] = lambda message: None
                ) -> tuple[str, list[Row]]:
     """(a one-line description of `config`, its rows: every batch x implementation), with
@@ -117,9 +121,6 @@ def run_config(config: str, batches: list[int], implementations: list[Implementa
             metrics.add_rates(row, peak, impl.dtype(device), tf32, "flops")
             metrics.add_derived_sampling(row, settings.steps)
             rows.append(row)
-        if cpp_loop:
-            rows.append(Row("model", config, f"batch {batch}", "C++ loop", "-", batch=batch)
-                        .skip(cpp_loop_unavailable()))
     models.clear()
     metrics.add_speedups(rows, BASELINE)
     return description, rows
@@ -152,18 +153,6 @@ def impl_unavailable(impl: Implementation, device: torch.device) -> str | None:
     if impl.backend == "auto":
         return None
     return backend_unavailable(impl.backend, device, STEP_OPS)
-
-
-def cpp_loop_unavailable() -> str:
-    """Why the C++ sampling loop row cannot run (no such loop exists in sr3fast yet)."""
-    try:
-        import sr3fast._C  # noqa: F401
-    except ImportError as err:
-        return f"the compiled extension sr3fast._C is not built ({err})"
-    if not hasattr(torch.ops.sr3fast, "sample_aoti"):
-        return "sr3fast._C was built without the C++ sampling loop (torch.ops.sr3fast.sample_aoti)"
-    return ("the C++ loop (torch.ops.sr3fast.sample_aoti) exists but the samplers have no "
-            "loop='cpp' yet, so the harness cannot drive it with the U-Net")
 
 
 class ModelCache:
@@ -255,8 +244,12 @@ def _compiled(fn: Callable, args: tuple, mode: str, device: torch.device):
     breaks_before = sum(counters["graph_break"].values())
     skips_before = counters["inductor"]["cudagraph_skips"]
     compiled = torch.compile(fn, mode=mode, dynamic=False)
-    compile_s = time_first_call(lambda: compiled(*args), device)
-    notes = [f"torch.compile mode={mode}"]
+    # Inference on a CPU: freezing folds the weights in as constants and prepacks the oneDNN
+    # convolution weights once instead of reordering them on every call (inductor's CPU advice).
+    freezing = device.type == "cpu"
+    with torch._inductor.config.patch(freezing=freezing):
+        compile_s = time_first_call(lambda: compiled(*args), device)
+    notes = [f"torch.compile mode={mode}" + (", freezing" if freezing else "")]
     breaks = sum(counters["graph_break"].values()) - breaks_before
     if breaks:
         notes.append(f"{breaks} graph break(s)")

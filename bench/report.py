@@ -25,6 +25,26 @@ def model_table(config: str, description: str, rows: list[Row]) -> str:
     return "\n".join([f"{config}: {description}", _table(headers, body), *footnotes])
 
 
+def loop_table(config: str, rows: list[Row]) -> str:
+    """Sampling loops: ms/step of whole sampling calls, the U-Net alone, the loop's overhead."""
+    headers = ["batch", "loop", "dtype", "ms/step", "[IQR]", "U-Net ms", "overhead/step", "img/s",
+               "speed-up", "compile s", "note"]
+    shown, footnotes = _collapse_skips(rows)
+    body = []
+    for row in shown:
+        lead = [str(row.batch), row.implementation, row.dtype]
+        if row.status != OK:
+            body.append(lead + [_status(row)])
+            continue
+        overhead_us = row.extra["overhead_us_per_step"]
+        body.append(lead + [
+            _ms(row.median_ms), _iqr(row), _ms(row.extra["denoiser_ms"]), f"{overhead_us:.1f} µs",
+            _images(row), _speedup(row.speedup), _num(row.compile_s, 1), row.note or ""])
+    steps = next((row.sampling_steps for row in rows if row.sampling_steps), None)
+    title = f"{config}: sampling loops ({steps}-step calls)" if steps else f"{config}: sampling loops"
+    return "\n".join([title, _table(headers, body), *footnotes])
+
+
 def op_table(op: str, unit: str, note: str | None, rows: list[Row]) -> str:
     headers = ["shape", "provider", "dtype", "µs", "[IQR]", unit, "% peak", "speed-up", "compile s", "note"]
     shown, footnotes = _collapse_skips(rows)
@@ -148,6 +168,12 @@ def legend(steps: int, device_type: str, compile_mode: str, memory_method: str) 
         "  bytes      fused floor: weights once per step, each conv/matmul operand read and result "
         "written once, attention scores on chip (bench/counting.py); ops: minimal reads + writes",
         "  speed-up   over 'reference eager' (models) or 'torch' (ops) of the same case in this run",
-        f"  compile s  first call of a compiled row (mode {compile_mode}), kept out of the times",
+        f"  compile s  first call of a compiled row (mode {compile_mode}), kept out of the times; "
+        "loop rows: the package's export",
+        "  loops      ms/step = a whole sampling call / its steps; U-Net ms = one denoiser call alone"
+        + (" (its CUDA graph replayed: kernel time, no launch gaps)" if device_type == "cuda" else "")
+        + "; overhead/step = the difference, the loop's own cost"
+        + ("" if device_type == "cuda" else " (two separate measurements: below their noise it can "
+           "come out negative)") + "; speed-up over the Python loop",
     ]
     return "\n".join(lines)

@@ -24,11 +24,12 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 
 import torch  # noqa: E402
 
-from bench import environment, hardware, model_bench, op_bench, op_cases, report  # noqa: E402
+from bench import environment, hardware, loop_bench, model_bench, op_bench, op_cases, report  # noqa: E402
 from bench.records import ERROR, Row, write_json  # noqa: E402
 from bench.timing import Budget  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
+ALL_KEYS = (*model_bench.KEYS, *loop_bench.KEYS)
 
 
 def budgets(device: torch.device, quick: bool, repeats: int | None) -> tuple[Budget, Budget]:
@@ -58,7 +59,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=100, metavar="N",
                         help="sampling steps for images/s (default 100, the paper's largest)")
     parser.add_argument("--impl", action="append", metavar="KEY",
-                        help=f"model implementations (repeat or comma-separate): {', '.join(model_bench.KEYS)}")
+                        help=f"model implementations and sampling loops (repeat or comma-separate): "
+                             f"{', '.join(ALL_KEYS)}")
+    parser.add_argument("--loop-steps", type=int, metavar="N",
+                        help="sampling steps per timed call of the loop rows (default "
+                             f"{loop_bench.GPU_STEPS} on GPU, {loop_bench.CPU_STEPS} on CPU)")
     parser.add_argument("--repeats", type=int, metavar="N", help="exactly N timed repeats per row")
     parser.add_argument("--compile-mode", metavar="MODE",
                         help="torch.compile mode of the compiled rows (default max-autotune on GPU, "
@@ -82,20 +87,20 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
 
     args.config = _split(args.config)
-    args.impl = _split(args.impl) or list(model_bench.KEYS)
-    unknown = sorted(set(args.impl) - set(model_bench.KEYS))
+    args.impl = _split(args.impl) or list(ALL_KEYS)
+    unknown = sorted(set(args.impl) - set(ALL_KEYS))
     if unknown:
-        parser.error(f"unknown --impl {', '.join(unknown)}; choose from {', '.join(model_bench.KEYS)}")
+        parser.error(f"unknown --impl {', '.join(unknown)}; choose from {', '.join(ALL_KEYS)}")
     if args.config:
         from sr3fast.model import presets
         names = presets()
         missing = [c for c in args.config if c not in names]
         if missing:
             parser.error(f"unknown --config {', '.join(missing)}; choose from {', '.join(names)}")
-    for name in ("steps", "repeats"):
+    for name in ("steps", "repeats", "loop_steps"):
         value = getattr(args, name)
         if value is not None and value < 1:
-            parser.error(f"--{name} must be at least 1")
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.batch and min(args.batch) < 1:
         parser.error("--batch must be at least 1")
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -133,12 +138,17 @@ def run_models(args, device: torch.device, budget: Budget, compile_mode: str) ->
         skip_compiled="left out by --quick: compiling a U-Net takes minutes" if args.quick else None,
         cpu_defaults=device.type == "cpu" and not args.config)
     implementations = [impl for impl in model_bench.IMPLEMENTATIONS if impl.key in args.impl]
+    loops = [impl for impl in loop_bench.LOOP_IMPLS if impl.key in args.impl]
+    loop_steps = args.loop_steps or loop_bench.default_steps(device)
     rows = []
     for config in configs:
-        description, config_rows = model_bench.run_config(
-            config, batches, implementations, model_bench.CPP_LOOP in args.impl, settings, progress)
+        description, config_rows = model_bench.run_config(config, batches, implementations, settings, progress)
         print(report.model_table(config, description, config_rows) + "\n", flush=True)
         rows += config_rows
+        if loops and not (len(config_rows) == 1 and config_rows[0].case == "*"):  # not a left-out config
+            loop_rows = loop_bench.run_loops(config, batches, loops, device, budget, loop_steps, progress)
+            print(report.loop_table(config, loop_rows) + "\n", flush=True)
+            rows += loop_rows
     return rows
 
 
