@@ -677,19 +677,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> groupnorm_silu_cpu(
     bool act) {
   const Problem p = make_problem("sr3fast::groupnorm_silu", x, num_groups, weight, bias, shift,
                                  /*params_in_float32=*/true);
-  auto y = at::empty_like(p.x);
-  auto mean = at::empty({p.batch, p.groups}, x.options().dtype(at::kFloat));
-  auto rstd = at::empty_like(mean);
+  ForwardOutputs out = allocate_forward(p);
   if (x.numel() > 0) {
     SR3FAST_DISPATCH_FLOATING_TYPES(x.scalar_type(), "groupnorm_silu_cpu", [&] {
-      forward<scalar_t>(p, eps, act, y, mean, rstd);
+      forward<scalar_t>(p, eps, act, out.y, out.mean, out.rstd);
     });
-  } else {
-    // statistics of empty groups, as the reference computes them
-    mean.fill_(std::numeric_limits<float>::quiet_NaN());
-    rstd.fill_(std::numeric_limits<float>::quiet_NaN());
   }
-  return {y, mean, rstd};
+  return {out.y, out.mean, out.rstd};
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> groupnorm_silu_backward_cpu(
@@ -699,20 +693,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> groupnorm_silu_backwa
   const Problem p = make_problem("sr3fast::groupnorm_silu_backward", x, num_groups, weight, bias,
                                  shift, /*params_in_float32=*/true);
   const at::Tensor dy = check_backward(p, grad_y, mean, rstd);
-  auto grad_x = at::empty_like(p.x);
-  const auto options = x.options().dtype(at::kFloat);
-  auto grad_weight = at::zeros({p.channels}, options);
-  auto grad_bias = at::zeros({p.channels}, options);
-  auto grad_shift = at::zeros({p.batch, p.channels}, options);
+  BackwardOutputs g = allocate_backward(p);
   if (x.numel() > 0) {
     SR3FAST_DISPATCH_FLOATING_TYPES(x.scalar_type(), "groupnorm_silu_backward_cpu", [&] {
-      backward<scalar_t>(p, dy, mean.contiguous(), rstd.contiguous(), act, grad_x, grad_weight,
-                         grad_bias, grad_shift);
+      backward<scalar_t>(p, dy, mean.contiguous(), rstd.contiguous(), act, g.grad_x, g.grad_weight,
+                         g.grad_bias, g.grad_shift);
     });
   }
-  auto [dw, db, dshift] =
-      param_grads_in_dtype(x, grad_weight, grad_bias, grad_shift, weight, bias, shift);
-  return {grad_x, dw, db, dshift};
+  return backward_result(x, g, weight, bias, shift);
 }
 
 }  // namespace

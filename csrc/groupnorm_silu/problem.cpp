@@ -1,5 +1,10 @@
 #include "groupnorm_silu/problem.h"
 
+#include <limits>
+
+#include <ATen/ops/empty.h>
+#include <ATen/ops/empty_like.h>
+#include <ATen/ops/zeros.h>
 #include <c10/util/Exception.h>
 
 namespace sr3fast::groupnorm_silu {
@@ -85,15 +90,36 @@ at::Tensor check_backward(const Problem& problem, const at::Tensor& grad_y, cons
   return in_layout_of(grad_y.to(problem.x.scalar_type()), problem.layout, problem.x);
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> param_grads_in_dtype(
-    const at::Tensor& x, const at::Tensor& grad_weight, const at::Tensor& grad_bias,
-    const at::Tensor& grad_shift, const std::optional<at::Tensor>& weight,
+ForwardOutputs allocate_forward(const Problem& problem) {
+  ForwardOutputs out;
+  out.y = at::empty_like(problem.x);
+  out.mean = at::empty({problem.batch, problem.groups}, problem.x.options().dtype(at::kFloat));
+  out.rstd = at::empty_like(out.mean);
+  if (problem.x.numel() == 0) {
+    out.mean.fill_(std::numeric_limits<float>::quiet_NaN());
+    out.rstd.fill_(std::numeric_limits<float>::quiet_NaN());
+  }
+  return out;
+}
+
+BackwardOutputs allocate_backward(const Problem& problem) {
+  const auto options = problem.x.options().dtype(at::kFloat);
+  BackwardOutputs grads;
+  grads.grad_x = at::empty_like(problem.x);
+  grads.grad_weight = at::zeros({problem.channels}, options);
+  grads.grad_bias = at::zeros({problem.channels}, options);
+  grads.grad_shift = at::zeros({problem.batch, problem.channels}, options);
+  return grads;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_result(
+    const at::Tensor& x, const BackwardOutputs& grads, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& shift) {
   const auto dtype_of = [&](const std::optional<at::Tensor>& param) {
     return param.has_value() ? param->scalar_type() : x.scalar_type();
   };
-  return {grad_weight.to(dtype_of(weight)), grad_bias.to(dtype_of(bias)),
-          grad_shift.to(dtype_of(shift))};
+  return {grads.grad_x, grads.grad_weight.to(dtype_of(weight)),
+          grads.grad_bias.to(dtype_of(bias)), grads.grad_shift.to(dtype_of(shift))};
 }
 
 }  // namespace sr3fast::groupnorm_silu

@@ -32,11 +32,24 @@ Problem make_problem(const char* op, const at::Tensor& x, int64_t num_groups,
 at::Tensor check_backward(const Problem& problem, const at::Tensor& grad_y, const at::Tensor& mean,
                           const at::Tensor& rstd);
 
-// The float32 parameter gradients (C,), (C,), (B, C) in the dtypes the op returns them in: each
-// parameter's own, x's when it was None.
-std::tuple<at::Tensor, at::Tensor, at::Tensor> param_grads_in_dtype(
-    const at::Tensor& x, const at::Tensor& grad_weight, const at::Tensor& grad_bias,
-    const at::Tensor& grad_shift, const std::optional<at::Tensor>& weight,
+// The forward's outputs, allocated: y like x in the problem's layout; float32 mean and rstd
+// (B, G). For an empty x the statistics are already NaN, as the reference's, and no kernel runs.
+struct ForwardOutputs {
+  at::Tensor y, mean, rstd;
+};
+ForwardOutputs allocate_forward(const Problem& problem);
+
+// The backward's outputs, allocated: grad_x like x in the problem's layout; the parameter
+// gradients as zeroed float32 accumulators (C,), (C,), (B, C).
+struct BackwardOutputs {
+  at::Tensor grad_x, grad_weight, grad_bias, grad_shift;
+};
+BackwardOutputs allocate_backward(const Problem& problem);
+
+// What the backward op returns: grad_x, then the float32 parameter gradients in each parameter's
+// own dtype (x's when it was None).
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> backward_result(
+    const at::Tensor& x, const BackwardOutputs& grads, const std::optional<at::Tensor>& weight,
     const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& shift);
 
 }  // namespace sr3fast::groupnorm_silu
