@@ -23,6 +23,8 @@ _LAZY = {
     "SR3": ("sr3fast.model", "SR3"),
     "presets": ("sr3fast.model", "presets"),
     "accelerate": ("sr3fast.acceleration", "accelerate"),
+    "export": ("sr3fast.export", None),
+    "diffusion": ("sr3fast.diffusion", None),
     "ops": ("sr3fast.ops", None),
     "reference": ("sr3fast.reference", None),
 }

@@ -14,7 +14,6 @@ import torch
 
 import sr3fast._C  # noqa: F401  (registers torch.ops.sr3fast.*)
 
-from ...export import export_denoiser  # noqa: F401  (the package this op runs)
 from ._layout import kernel_layout
 
 NOISE_SOURCES = ("torch", "kernel")
