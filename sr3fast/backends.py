@@ -25,7 +25,7 @@ from contextlib import contextmanager
 from functools import lru_cache
 
 NAMES = ("reference", "triton", "cuda", "cpu")
-OPS = ("groupnorm_silu", "attention", "reverse_step")
+OPS = ("groupnorm_silu", "attention", "reverse_step", "conv2d")
 
 # auto's order of preference per device type: fastest first.
 PREFERENCE = {
@@ -153,7 +153,11 @@ def _implementation_of(name: str, op: str):
         if err.name in (module_name, _IMPL_PACKAGE[name]):
             return None
         raise
-    return getattr(module, op, None)
+    function = getattr(module, op, None)
+    # A function may serve only some of the backends that share its package (`backends`).
+    if function is not None and name not in getattr(function, "backends", (name,)):
+        return None
+    return function
 
 
 def implements(name: str, op: str) -> bool:

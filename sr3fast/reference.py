@@ -76,3 +76,10 @@ def reverse_step(y_t: torch.Tensor, eps: torch.Tensor, coefs: torch.Tensor,
         noise = torch.randn(y.shape, generator=generator, device=y.device, dtype=torch.float32)
     y_prev = m0 * x0 + m1 * y + sigma * noise.float()
     return y_prev.to(y_t.dtype)
+
+
+def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           stride: tuple[int, int] = (1, 1), padding: tuple[int, int] = (0, 0)) -> torch.Tensor:
+    """The U-Net's convolutions (3x3 and 1x1, zero padding, no dilation or groups), exactly as
+    torch.nn.functional.conv2d computes them. x: (B, C, H, W); weight: (O, C, kh, kw); bias (O,)."""
+    return torch.nn.functional.conv2d(x, weight, bias, stride, padding)

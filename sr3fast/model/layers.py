@@ -1,6 +1,7 @@
-"""Building blocks shared by both U-Nets: noise-level embedding, fused norm calls, self-attention.
+"""Building blocks shared by both U-Nets: noise-level embedding, fused norm calls, self-attention,
+convolutions.
 
-Every GroupNorm→SiLU pair runs as one `ops.groupnorm_silu` call. The nn.GroupNorm modules stay in
+Every GroupNorm→SiLU pair runs as one `ops.groupnorm_silu` call, every convolution as `ops.conv2d`. The nn.GroupNorm modules stay in
 the module tree only as holders of their weight, bias, group count and eps, so parameter names
 and shapes match the public checkpoints.
 """
@@ -18,6 +19,17 @@ def norm_act(norm: nn.GroupNorm, x: torch.Tensor, shift: torch.Tensor | None = N
              act: bool = True) -> torch.Tensor:
     """SiLU(GroupNorm(x + shift)) with `norm`'s parameters, as one fused op (act=False: no SiLU)."""
     return ops.groupnorm_silu(x, norm.num_groups, norm.weight, norm.bias, norm.eps, shift=shift, act=act)
+
+
+class Conv2d(nn.Conv2d):
+    """nn.Conv2d (same parameters, keys and maths) run through `ops.conv2d`, so that the selected
+    backend runs it: on the CPU backend with prepacked oneDNN weights and channels-last
+    activations (sr3fast.ops.extension.conv2d)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.padding_mode != "zeros" or self.dilation != (1, 1) or self.groups != 1:
+            return super().forward(x)
+        return ops.conv2d(x, self.weight, self.bias, self.stride, self.padding)
 
 
 def check_input(x: torch.Tensor, config) -> None:
@@ -88,8 +100,8 @@ class SelfAttention(nn.Module):
         super().__init__()
         self.residual_scale = residual_scale
         self.norm = nn.GroupNorm(norm_groups, in_channel)
-        self.qkv = nn.Conv2d(in_channel, in_channel * 3, 1, bias=False)
-        self.out = nn.Conv2d(in_channel, in_channel, 1)
+        self.qkv = Conv2d(in_channel, in_channel * 3, 1, bias=False)
+        self.out = Conv2d(in_channel, in_channel, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, channels, height, width = x.shape

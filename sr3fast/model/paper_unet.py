@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import UNetConfig
-from .layers import (NoiseLevelEncoding, SelfAttention, check_input, embed_noise_level, noise_level_vector,
+from .layers import (Conv2d, NoiseLevelEncoding, SelfAttention, check_input, embed_noise_level, noise_level_vector,
                      norm_act, unet_levels)
 
 SKIP_SCALE = 1.0 / math.sqrt(2.0)
@@ -50,12 +50,12 @@ class BigGANResBlock(nn.Module):
             raise ValueError(f"resample must be None, 'down' or 'up', got {resample!r}")
         self.resample = resample
         self.norm1 = nn.GroupNorm(norm_groups, dim)
-        self.conv1 = nn.Conv2d(dim, dim_out, 3, padding=1)
+        self.conv1 = Conv2d(dim, dim_out, 3, padding=1)
         self.noise_proj = nn.Linear(noise_embed_dim, dim_out)
         self.norm2 = nn.GroupNorm(norm_groups, dim_out)
         self.dropout = nn.Dropout(dropout) if dropout else nn.Identity()
-        self.conv2 = nn.Conv2d(dim_out, dim_out, 3, padding=1)
-        self.skip = nn.Conv2d(dim, dim_out, 1) if dim != dim_out else nn.Identity()
+        self.conv2 = Conv2d(dim_out, dim_out, 3, padding=1)
+        self.skip = Conv2d(dim, dim_out, 1) if dim != dim_out else nn.Identity()
 
     def _resample(self, x: torch.Tensor) -> torch.Tensor:
         if self.resample == "down":
@@ -114,7 +114,7 @@ class PaperUNet(nn.Module):
         def resample(dim, direction):
             return BigGANResBlock(dim, dim, embed_dim, groups, dropout, resample=direction)
 
-        self.input_conv = nn.Conv2d(config.in_channel, inner, 3, padding=1)
+        self.input_conv = Conv2d(config.in_channel, inner, 3, padding=1)
         downs, mid, ups, channels = unet_levels(
             config, block, lambda dim: resample(dim, "down"), lambda dim: resample(dim, "up"))
         self.downs = nn.ModuleList(downs)
@@ -122,7 +122,7 @@ class PaperUNet(nn.Module):
         self.ups = nn.ModuleList(ups)
 
         self.out_norm = nn.GroupNorm(groups, channels)
-        self.out_conv = nn.Conv2d(channels, config.out_channel, 3, padding=1)
+        self.out_conv = Conv2d(channels, config.out_channel, 3, padding=1)
 
     @property
     def size_multiple(self) -> int:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import UNetConfig
-from .layers import (NoiseLevelEncoding, SelfAttention, check_input, embed_noise_level, noise_level_vector,
+from .layers import (Conv2d, NoiseLevelEncoding, SelfAttention, check_input, embed_noise_level, noise_level_vector,
                      norm_act, unet_levels)
 
 
@@ -34,7 +34,7 @@ class ConvBlock(nn.Module):
             nn.GroupNorm(groups, dim),
             nn.SiLU(),
             nn.Dropout(dropout) if dropout else nn.Identity(),
-            nn.Conv2d(dim, dim_out, 3, padding=1),
+            Conv2d(dim, dim_out, 3, padding=1),
         )
 
     def forward(self, x: torch.Tensor, shift: torch.Tensor | None = None) -> torch.Tensor:
@@ -66,7 +66,7 @@ class ResnetBlock(nn.Module):
         self.noise_func = NoiseBias(noise_level_emb_dim, dim_out)
         self.block1 = ConvBlock(dim, dim_out, groups=norm_groups)
         self.block2 = ConvBlock(dim_out, dim_out, groups=norm_groups, dropout=dropout)
-        self.res_conv = nn.Conv2d(dim, dim_out, 1) if dim != dim_out else nn.Identity()
+        self.res_conv = Conv2d(dim, dim_out, 1) if dim != dim_out else nn.Identity()
 
     def forward(self, x: torch.Tensor, noise_embed: torch.Tensor) -> torch.Tensor:
         h = self.block1(x)
@@ -95,7 +95,7 @@ class Downsample(nn.Module):
 
     def __init__(self, dim: int):
         super().__init__()
-        self.conv = nn.Conv2d(dim, dim, 3, 2, 1)
+        self.conv = Conv2d(dim, dim, 3, 2, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(x)
@@ -106,7 +106,7 @@ class Upsample(nn.Module):
 
     def __init__(self, dim: int):
         super().__init__()
-        self.conv = nn.Conv2d(dim, dim, 3, padding=1)
+        self.conv = Conv2d(dim, dim, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
@@ -138,7 +138,7 @@ class PublicUNet(nn.Module):
                                             dropout=dropout, with_attn=with_attn)
 
         downs, mid, ups, channels = unet_levels(config, block, Downsample, Upsample)
-        self.downs = nn.ModuleList([nn.Conv2d(config.in_channel, inner, 3, padding=1), *downs])
+        self.downs = nn.ModuleList([Conv2d(config.in_channel, inner, 3, padding=1), *downs])
         self.mid = nn.ModuleList(mid)
         self.ups = nn.ModuleList(ups)
         self.final_conv = ConvBlock(channels, config.out_channel, groups=groups)

@@ -45,7 +45,9 @@ class SR3(nn.Module):
                              "the same shape (upsample the low-resolution input to the output size first)")
         if not torch.is_tensor(gamma):
             gamma = torch.tensor(gamma, dtype=torch.float32, device=y_t.device)
-        return self.unet(torch.cat([x, y_t], dim=1), gamma.sqrt())
+        eps = self.unet(torch.cat([x, y_t], dim=1), gamma.sqrt())
+        # Backends may run the U-Net channels-last inside; eps comes back in y_t's layout.
+        return eps.contiguous() if y_t.is_contiguous() else eps
 
     forward = predict_noise
 

@@ -6,7 +6,8 @@ implementations live in `sr3fast.ops.triton.<op>` (Triton, kernels/) and
 `sr3fast.reference.<op>`.
 """
 from .attention import attention
+from .conv2d import conv2d
 from .groupnorm_silu import groupnorm_silu
 from .reverse_step import reverse_step
 
-__all__ = ["attention", "groupnorm_silu", "reverse_step"]
+__all__ = ["attention", "conv2d", "groupnorm_silu", "reverse_step"]
