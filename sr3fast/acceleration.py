@@ -14,6 +14,8 @@ Refinement, and of U-Nets written like it):
   self-attention  children norm (GroupNorm), qkv (1x1 Conv C->3C), out (1x1 Conv C->C), `n_head`:
                   GroupNorm, then q/k/v read in place from the qkv output, one fused attention
   GroupNorm+SiLU  consecutive children of an nn.Sequential: one fused groupnorm_silu
+  convolution     every plain nn.Conv2d (zero padding, no dilation or groups): `ops.conv2d`, which
+                  the CPU backend runs with prepacked weights (sr3fast.model.layers.Conv2d)
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
+from .model.layers import Conv2d
 
 
 # ---------------------------------------------------------------- fused forwards
@@ -214,6 +217,13 @@ def accelerate(module: nn.Module, verify: bool = True) -> AccelerationReport:
                 child[index + 1] = nn.Identity()
                 covered.add(id(norm))
                 report.replaced.append((f"{path}.{index}".lstrip("."), "groupnorm+silu"))
+
+    for path, child in module.named_modules():
+        # the same maths through the backend's convolution: no probe needed
+        if type(child) is nn.Conv2d and child.padding_mode == "zeros" and child.groups == 1 \
+                and child.dilation == (1, 1) and isinstance(child.padding, tuple):
+            child.__class__ = Conv2d
+            report.replaced.append((path, "conv2d"))
 
     for path, child in module.named_modules():
         if isinstance(child, nn.GroupNorm) and id(child) not in covered \
