@@ -169,6 +169,7 @@ setup(
             "pytest-benchmark>=4",
             "scikit-image>=0.21",
             "expecttest",
+            "cmake>=3.18",  # tests/test_extension.py builds CMakeLists.txt (ninja: scripts/setup.sh)
         ],
     },
     entry_points={"console_scripts": ["sr3fast=sr3fast.cli:main"]},
