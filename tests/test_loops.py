@@ -198,3 +198,13 @@ def test_graph_loop_draws_fresh_noise_per_call_and_leaves_the_model_alone(tiny):
     again, _ = _sample(tiny, "sr3", {}, "graph", seed=5)
     assert not torch.equal(first, second)
     assert torch.equal(first, again)
+
+
+@needs_cuda
+@pytest.mark.cuda
+def test_graph_loop_runs_a_one_step_schedule(tiny):
+    model, schedule, x = tiny
+    one_step = respace(NoiseSchedule.from_config(model.config.schedule), 1)
+    got = sample("sr3", model, x, one_step, generator=torch.Generator(DEVICE).manual_seed(0), loop="graph")
+    want = sample("sr3", model, x, one_step, generator=torch.Generator(DEVICE).manual_seed(0))
+    assert torch.equal(got, want)

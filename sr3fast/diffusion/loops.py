@@ -87,6 +87,9 @@ def run_graph(denoise: Denoise, run: SamplingRun, callback: Callable | None = No
     from the generator, registered with the graph so that each replay draws fresh values (the
     same ones, in the same order, as the Python loop); on the last step it is drawn but its
     sigma is 0 (see coefficients), so only the generator's final state differs.
+
+    callback(i, y) gets the graph's state buffer, which the next replay overwrites: clone it to
+    keep it.
     """
     device = run.x.device
     if device.type != "cuda":
@@ -110,7 +113,7 @@ def run_graph(denoise: Denoise, run: SamplingRun, callback: Callable | None = No
                                  generator=generator))
         step.add_(1)
 
-    graph = _capture(one_step, device, generator, restore=(y, step))
+    graph = _capture(one_step, device, generator, restore=(y, step), warmup=min(2, run.steps))
     for i in range(run.steps):
         graph.replay()
         if callback is not None:
@@ -119,16 +122,17 @@ def run_graph(denoise: Denoise, run: SamplingRun, callback: Callable | None = No
 
 
 def _capture(one_step: Callable[[], None], device: torch.device, generator: torch.Generator,
-             restore: tuple[torch.Tensor, ...]) -> torch.cuda.CUDAGraph:
-    """one_step as a CUDA graph. It is first run twice on a side stream (capture needs the
-    kernels compiled, autotuned and their libraries initialised); `restore` tensors and the
-    generator are then reset, so the warm-up changes neither the image nor the noise."""
+             restore: tuple[torch.Tensor, ...], warmup: int) -> torch.cuda.CUDAGraph:
+    """one_step as a CUDA graph. It is first run `warmup` times on a side stream (capture needs
+    the kernels compiled, autotuned and their libraries initialised; no more runs than the table
+    has steps, since each advances the step counter); `restore` tensors and the generator are
+    then reset, so the warm-up changes neither the image nor the noise."""
     saved = [tensor.clone() for tensor in restore]
     generator_state = generator.get_state()
     side = torch.cuda.Stream(device)
     side.wait_stream(torch.cuda.current_stream(device))
     with torch.cuda.stream(side):
-        for _ in range(2):
+        for _ in range(warmup):
             one_step()
     torch.cuda.current_stream(device).wait_stream(side)
     for tensor, value in zip(restore, saved):
