@@ -111,6 +111,44 @@ def run_loops(config: str, batches: list[int], impls: list[LoopImpl], device: to
     return rows
 
 
+STAND_IN = "stand-in denoiser"
+STAND_IN_SHAPE = (1, 3, 128, 128)
+
+
+def run_stand_in(impls: list[LoopImpl], device: torch.device, budget: Budget, steps: int,
+                 progress: Callable[[str], None] = lambda message: None) -> list[Row]:
+    """The loops around a denoiser that costs almost nothing (eps = 0.5·y_t, one elementwise
+    op), so that ms/step is the loop's own per-step cost: noise, reverse_step, bookkeeping.
+    Package rows are left out (there is no U-Net to export)."""
+    from types import SimpleNamespace
+
+    from sr3fast.diffusion import NoiseSchedule, sample
+
+    schedule = NoiseSchedule.from_config({"schedule": "linear", "n_timestep": steps,
+                                          "linear_start": 1e-4, "linear_end": 2e-2})
+    model = SimpleNamespace(predict_noise=lambda x, y_t, gamma: y_t * 0.5)
+    x = torch.zeros(STAND_IN_SHAPE, device=device)
+    shape = "x".join(map(str, STAND_IN_SHAPE))
+    rows = []
+    with sr3fast.backend("auto"), torch.no_grad():
+        denoiser_ms = _denoiser_ms(model.predict_noise, (x, x, torch.ones(1, device=device)), device, budget)
+        for impl in impls:
+            if impl.package:
+                continue
+            progress(f"{STAND_IN} {impl.key}")
+            row = Row("loop", STAND_IN, shape, impl.label, "float32", batch=1)
+            reason = unavailable(impl, device)
+            if reason:
+                rows.append(row.skip(reason))
+                continue
+            with measuring(row, f" at {shape}"):
+                _measure_loop(row, impl, model, None, x, schedule, steps, budget, device, denoiser_ms)
+                row.note = "eps = 0.5·y_t: ms/step is the loop's own cost"
+            rows.append(row)
+    metrics.add_speedups(rows, BASELINE)
+    return rows
+
+
 class _Packages:
     """The configuration's U-Net exported once per batch, on first use (compile time reported)."""
 

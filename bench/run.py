@@ -141,6 +141,10 @@ def run_models(args, device: torch.device, budget: Budget, compile_mode: str) ->
     loops = [impl for impl in loop_bench.LOOP_IMPLS if impl.key in args.impl]
     loop_steps = args.loop_steps or loop_bench.default_steps(device)
     rows = []
+    if loops:
+        stand_in = loop_bench.run_stand_in(loops, device, budget, loop_steps * 20, progress)
+        print(report.loop_table(loop_bench.STAND_IN, stand_in) + "\n", flush=True)
+        rows += stand_in
     for config in configs:
         description, config_rows = model_bench.run_config(config, batches, implementations, settings, progress)
         print(report.model_table(config, description, config_rows) + "\n", flush=True)
