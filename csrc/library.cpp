@@ -24,6 +24,11 @@ TORCH_LIBRARY(sr3fast, m) {
       "reverse_step(Tensor y_t, Tensor eps, Tensor coefs, Tensor? noise=None, float? clip=None, "
       "Generator? generator=None) -> Tensor",
       {at::Tag::pt2_compliant_tag, at::Tag::nondeterministic_seeded});
+  // The U-Net's convolutions for inference: F.conv2d's maths (zero padding, no dilation, one
+  // group); the CPU kernel keeps the weight prepacked for oneDNN and returns channels-last.
+  m.def(
+      "conv2d(Tensor x, Tensor weight, Tensor? bias, int[2] stride, int[2] padding) -> Tensor",
+      {at::Tag::pt2_compliant_tag});
   // Every step of an SR3 sampler in C++ (csrc/sampler/), the denoiser f(x, y_t, gamma) -> eps
   // being an AOTInductor package (.pt2) at path `denoiser`; coefs (T, B, 5), gammas (T, B) are
   // the tables of sr3fast.diffusion.coefficients. Returns y_0, float32.

@@ -1,6 +1,7 @@
 """conv2d: the U-Net's convolutions through the backends. The CPU backend's prepacked oneDNN
-path (sr3fast.ops.extension.conv2d) against the reference F.conv2d at SR3's shapes, its weight
-cache under in-place updates, and its fallbacks (autograd, compile)."""
+op (sr3fast::conv2d, csrc/conv2d/cpu.cpp) against the reference F.conv2d at SR3's shapes, its
+registration (opcheck), its weight cache under in-place updates and freed parameters, and its
+fallback under autograd."""
 from __future__ import annotations
 
 import pytest
@@ -119,6 +120,34 @@ def test_cpu_conv2d_compiles_without_graph_breaks():
     assert (got - eager).abs().max() <= _atol(8, 3, x, weight)
 
 
+@needs_cpu_backend
+@pytest.mark.parametrize("case", ["block-64to64-128px", "down-stride2-128-64px", "odd-13px-batch3"])
+def test_cpu_conv2d_op_registration(case):
+    batch, cin, cout, size, kernel, stride = CASES[case]
+    x, weight, bias = _inputs(batch, cin, cout, min(size, 16), kernel)
+    padding = kernel // 2
+    for b in (bias, None):
+        torch.library.opcheck(torch.ops.sr3fast.conv2d.default,
+                              (x, weight, b, [stride, stride], [padding, padding]))
+
+
+@needs_cpu_backend
+def test_cpu_conv2d_cache_follows_parameter_lifetimes():
+    """Packed weights of freed parameters are dropped, and a new parameter that reuses the
+    memory of a freed one is never served the old packing."""
+    x = torch.randn(1, 8, 10, 10)
+    for scale in (1.0, -3.0, 0.5):  # each conv frees the last; the allocator may reuse its memory
+        conv = torch.nn.Conv2d(8, 8, 3, padding=1)
+        with torch.no_grad():
+            conv.weight.mul_(scale)
+            with sr3fast.backend("cpu"):
+                got = ops.conv2d(x, conv.weight, conv.bias, (1, 1), (1, 1))
+            want = F.conv2d(x, conv.weight, conv.bias, padding=1)
+        assert (got - want).abs().max() <= _atol(8, 3, x, conv.weight)
+        del conv
+
+
+@needs_cpu_backend
 def test_only_the_cpu_backend_claims_conv2d():
     """The cuda backend shares the cpu backend's package but not its conv2d (cuDNN is best)."""
     assert backends.implements("cpu", "conv2d") and backends.implements("reference", "conv2d")

@@ -1,75 +1,40 @@
-"""conv2d on the CPU backend: oneDNN convolutions with the weight reordered into oneDNN's blocked
-layout once, instead of on every call, and channels-last activations.
+"""conv2d on the CPU backend: sr3fast::conv2d (csrc/conv2d/cpu.cpp), oneDNN convolutions with the
+weight reordered into oneDNN's blocked layout once per parameter instead of on every call, and
+channels-last activations (the extension's groupnorm_silu reads them in place).
 
-A plain `F.conv2d` on a CPU reorders its weight into the blocked layout each call and converts
-NCHW activations on the way in and out; at SR3's shapes that is more than half of the
-convolution's time. Here the reordered ("prepacked") weight is cached per parameter and rebuilt
-when the parameter changes (its data pointer or version counter moves: an optimizer step,
-load_state_dict, `.copy_`), and activations stay channels-last from one convolution to the next
-(the extension's groupnorm_silu reads them in place). The maths is oneDNN's either way; only the
+A plain `F.conv2d` on a CPU reorders its weight each call and converts NCHW activations on the
+way in and out. The C++ op keeps the packed weight while the parameter lives and is unchanged
+(an optimizer step, `load_state_dict` or `.copy_` repacks it). As an op it also runs inside
+packages from `sr3fast export` and in C++ programs. The maths is oneDNN's either way; only the
 order of the additions in each dot product may differ from F.conv2d.
 
-Inference only: when autograd must record the call, under torch.compile / torch.export (inductor
-prepacks frozen weights itself), or for other dtypes and devices, this is F.conv2d.
+Inference only: when autograd must record the call (training), this is F.conv2d.
 """
 from __future__ import annotations
-
-import weakref
 
 import torch
 import torch.nn.functional as F
 from torch.nn.modules.utils import _pair
 
-# Parameter id -> (what the packed weight was built from, the packed weight). An entry leaves
-# with its parameter (weakref.finalize), so an id is never reused with a stale entry.
-_PACKED: dict[int, tuple[tuple, torch.Tensor]] = {}
+import sr3fast._C  # noqa: F401  (registers torch.ops.sr3fast.*)
 
 
-def _mkldnn_available() -> bool:
-    return (torch.backends.mkldnn.is_available()
-            and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
-            and hasattr(torch.ops.mkldnn, "_reorder_convolution_weight"))
-
-
-_MKLDNN = _mkldnn_available()
-
-
-def _prepackable(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
-    if not _MKLDNN or torch.compiler.is_compiling():
-        return False
-    if x.device.type != "cpu" or x.dtype != torch.float32 or weight.dtype != torch.float32:
-        return False
-    if x.dim() != 4 or weight.dim() != 4:
-        return False
-    needs_grad = x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
-    return not (torch.is_grad_enabled() and needs_grad)
-
-
-def _packed_weight(weight: torch.Tensor, stride: list[int], padding: list[int],
-                   input_shape: tuple[int, ...]) -> torch.Tensor:
-    # Inference tensors keep no version counter (nor can they change outside inference mode).
-    version = -1 if weight.is_inference() else weight._version
-    built_from = (weight.data_ptr(), version, tuple(weight.shape), tuple(stride), tuple(padding), input_shape)
-    entry = _PACKED.get(id(weight))
-    if entry is None or entry[0] != built_from:
-        if entry is None:
-            weakref.finalize(weight, _PACKED.pop, id(weight), None)
-        packed = torch.ops.mkldnn._reorder_convolution_weight(
-            weight.detach(), padding, stride, [1, 1], 1, list(input_shape))
-        entry = _PACKED[id(weight)] = (built_from, packed)
-    return entry[1]
+@torch.library.register_fake("sr3fast::conv2d")
+def _conv2d_fake(x, weight, bias, stride, padding):
+    batch, _, height, width = x.shape
+    out_height = (height + 2 * padding[0] - weight.shape[2]) // stride[0] + 1
+    out_width = (width + 2 * padding[1] - weight.shape[3]) // stride[1] + 1
+    return torch.empty((batch, weight.shape[0], out_height, out_width), dtype=x.dtype,
+                       device=x.device, memory_format=torch.channels_last)
 
 
 def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
            stride: tuple[int, int] = (1, 1), padding: tuple[int, int] = (0, 0)) -> torch.Tensor:
     """As sr3fast.reference.conv2d; see the module docstring."""
-    if not _prepackable(x, weight, bias):
+    needs_grad = x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad)
+    if (torch.is_grad_enabled() and needs_grad) or x.device.type != "cpu" or x.dim() != 4:
         return F.conv2d(x, weight, bias, stride, padding)
-    stride, padding = list(_pair(stride)), list(_pair(padding))
-    x = x.contiguous(memory_format=torch.channels_last)
-    packed = _packed_weight(weight, stride, padding, tuple(x.shape))
-    return torch.ops.mkldnn._convolution_pointwise(
-        x, packed, None if bias is None else bias.detach(), padding, stride, [1, 1], 1, "none", [], "")
+    return torch.ops.sr3fast.conv2d(x, weight, bias, list(_pair(stride)), list(_pair(padding)))
 
 
 conv2d.backends = ("cpu",)  # the cuda backend shares this package; cuDNN needs nothing of this
