@@ -14,8 +14,8 @@ Refinement, and of U-Nets written like it):
   self-attention  children norm (GroupNorm), qkv (1x1 Conv C->3C), out (1x1 Conv C->C), `n_head`:
                   GroupNorm, then q/k/v read in place from the qkv output, one fused attention
   GroupNorm+SiLU  consecutive children of an nn.Sequential: one fused groupnorm_silu
-  convolution     every plain nn.Conv2d (zero padding, no dilation or groups): `ops.conv2d`, which
-                  the CPU backend runs with prepacked weights (sr3fast.model.layers.Conv2d)
+  convolution     every nn.Conv2d: `ops.conv2d` (sr3fast.model.layers.Conv2d), which the CPU
+                  backend runs with prepacked weights
 """
 from __future__ import annotations
 
@@ -219,9 +219,9 @@ def accelerate(module: nn.Module, verify: bool = True) -> AccelerationReport:
                 report.replaced.append((f"{path}.{index}".lstrip("."), "groupnorm+silu"))
 
     for path, child in module.named_modules():
-        # the same maths through the backend's convolution: no probe needed
-        if type(child) is nn.Conv2d and child.padding_mode == "zeros" and child.groups == 1 \
-                and child.dilation == (1, 1) and isinstance(child.padding, tuple):
+        # the same maths through the backend's convolution (Conv2d.forward leaves any other
+        # kind of convolution to nn.Conv2d): no probe needed
+        if type(child) is nn.Conv2d:
             child.__class__ = Conv2d
             report.replaced.append((path, "conv2d"))
 

@@ -9,7 +9,8 @@ A package takes the inputs it was compiled for, (x, y_t, gamma) with x and y_t o
 (B, C, H, W) and dtype on one device, and gamma (B,) float32, so that shape, dtype and device are
 stored in the package's metadata with the model's config; `PackageInfo.check` compares an input
 against them before the package sees it. Weights are frozen into the package (inductor
-`freezing`): on a CPU, oneDNN convolution weights are prepacked once instead of on every call.
+`freezing`). The ops of the backend selected while exporting are compiled in: on a CPU that is
+the extension's `sr3fast::conv2d`, whose prepacked weights AOTInductor's own CPU code lacks.
 """
 from __future__ import annotations
 
@@ -45,12 +46,12 @@ def export_denoiser(model, x: torch.Tensor, path: str | os.PathLike,
     with predict_noise(x, y_t, gamma) -> eps, on x's device and in x's dtype. `metadata` is stored
     in the package (str -> str)."""
     path = Path(path)
+    if not path.parent.is_dir():  # before minutes of compiling, not after
+        raise FileNotFoundError(f"cannot write {str(path)!r}: folder {str(path.parent)!r} does not exist")
     gamma = torch.full((x.shape[0],), 0.5, device=x.device)
     with torch.no_grad():
         program = torch.export.export(_PredictNoise(model).eval(), (x, x.clone(), gamma))
     configs = {"aot_inductor.metadata": dict(metadata or {})}
-    if not path.parent.is_dir():
-        raise FileNotFoundError(f"cannot write {str(path)!r}: folder {str(path.parent)!r} does not exist")
     # Staged under its final name in a private folder beside it (the archive's entries are named
     # after the file), then renamed into place: never a half-written package at `path`.
     with tempfile.TemporaryDirectory(prefix=f".{path.name}.", dir=path.parent) as folder, \
@@ -105,7 +106,7 @@ class PackageInfo:
 
     def metadata(self) -> dict[str, str]:
         return {"sr3fast.format": FORMAT, "sr3fast.shape": ",".join(map(str, self.shape)),
-                "sr3fast.dtype": str(self.dtype).removeprefix("torch."),
+                "sr3fast.dtype": _dtype_name(self.dtype),
                 "sr3fast.device": self.device_type, "sr3fast.config": json.dumps(self.config)}
 
     @classmethod
@@ -123,13 +124,17 @@ class PackageInfo:
         """Raise a ValueError naming the difference when the package cannot take x."""
         if tuple(x.shape) == self.shape and x.dtype == self.dtype and x.device.type == self.device_type:
             return
-        found = f"{tuple(x.shape)} {str(x.dtype).removeprefix('torch.')} on {x.device.type}"
-        wanted = f"{self.shape} {str(self.dtype).removeprefix('torch.')} on {self.device_type}"
+        found = f"{tuple(x.shape)} {_dtype_name(x.dtype)} on {x.device.type}"
+        wanted = f"{self.shape} {_dtype_name(self.dtype)} on {self.device_type}"
         batch, _, height, width = x.shape
         raise ValueError(f"package {str(path)!r} was compiled for inputs {wanted}, got {found}; "
                          f"export one for these: sr3fast export MODEL --batch {batch} "
                          f"--size {height}x{width} --device {x.device.type} "
-                         f"--dtype {str(x.dtype).removeprefix('torch.')} -o PACKAGE.pt2")
+                         f"--dtype {_dtype_name(x.dtype)} -o PACKAGE.pt2")
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")  # "float32", as torch.float32 is spelled in Python
 
 
 def load_package(path: str | os.PathLike, device: torch.device | None = None):

@@ -1,9 +1,9 @@
 """Building blocks shared by both U-Nets: noise-level embedding, fused norm calls, self-attention,
 convolutions.
 
-Every GroupNorm→SiLU pair runs as one `ops.groupnorm_silu` call, every convolution as `ops.conv2d`. The nn.GroupNorm modules stay in
-the module tree only as holders of their weight, bias, group count and eps, so parameter names
-and shapes match the public checkpoints.
+Every GroupNorm→SiLU pair runs as one `ops.groupnorm_silu` call, every convolution as
+`ops.conv2d`. The nn.GroupNorm modules stay in the module tree only as holders of their weight,
+bias, group count and eps, so parameter names and shapes match the public checkpoints.
 """
 from __future__ import annotations
 
@@ -27,7 +27,9 @@ class Conv2d(nn.Conv2d):
     activations (sr3fast.ops.extension.conv2d)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.padding_mode != "zeros" or self.dilation != (1, 1) or self.groups != 1:
+        # ops.conv2d covers the U-Net's convolutions; any other kind runs as nn.Conv2d does
+        if (self.padding_mode != "zeros" or self.dilation != (1, 1) or self.groups != 1
+                or isinstance(self.padding, str)):
             return super().forward(x)
         return ops.conv2d(x, self.weight, self.bias, self.stride, self.padding)
 

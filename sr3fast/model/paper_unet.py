@@ -26,8 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import UNetConfig
-from .layers import (Conv2d, NoiseLevelEncoding, SelfAttention, check_input, embed_noise_level, noise_level_vector,
-                     norm_act, unet_levels)
+from .layers import (Conv2d, NoiseLevelEncoding, SelfAttention, check_input, embed_noise_level,
+                     noise_level_vector, norm_act, unet_levels)
 
 SKIP_SCALE = 1.0 / math.sqrt(2.0)
 

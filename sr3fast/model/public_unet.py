@@ -18,8 +18,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import UNetConfig
-from .layers import (Conv2d, NoiseLevelEncoding, SelfAttention, check_input, embed_noise_level, noise_level_vector,
-                     norm_act, unet_levels)
+from .layers import (Conv2d, NoiseLevelEncoding, SelfAttention, check_input, embed_noise_level,
+                     noise_level_vector, norm_act, unet_levels)
 
 
 class ConvBlock(nn.Module):
