@@ -41,7 +41,8 @@ SR3 shapes on an H100 (132 SMs), as planned (tests pin this table; "launches" co
   1×1024×32×32,  G=16   64 ch × 1K       split 16/group: 2 launches    split 16/group: 2 launches
   (every split above runs 256-512 programs per pass)
 Autotuning (num_warps, and the streaming kernels' BLOCK_S) happens on the first call per shape:
-run one warm-up step before capturing a CUDA graph.
+run one warm-up step before capturing a CUDA graph. SR3FAST_TRITON_AUTOTUNE=pinned (and the
+interpreter) skip the timing and run each kernel's first kept config (kernels/autotuning.py).
 
 Backward, with h = x + shift, x̂ = (h − mean)·rstd, z = w·x̂ + b, y = SiLU(z):
   dz = dy·σ(z)·(1 + z·(1 − σ(z)))                     (dz = dy when act=False)
@@ -55,12 +56,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import os
 
 import torch
 import triton
 import triton.language as tl
 from torch.library import wrap_triton
+
+from . import autotuning
 
 
 # ---------------------------------------------------------------------------------------------
@@ -182,15 +184,21 @@ def _input_grad_terms(sum_dz, sum_dzx, sum_xhat, member, weight, rstd, rstd_c, C
 # Autotuning: configs and pruning
 # ---------------------------------------------------------------------------------------------
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
-
+# Candidates in order of preference: under a pin switch (kernels/autotuning.py) the first one the
+# prune rule keeps is the only one that runs, so it must be a good choice on its own.
 
 def _register_tile_configs():
-    return [triton.Config({}, num_warps=w) for w in (2, 4, 8, 16)]
+    """Register-tile kernels: only num_warps. 8 warps first, the usual choice for reductions
+    (Triton's layer-norm tutorial), kept by the prune rule for tiles of 2K..16K elements (8..64
+    per thread): every SR3 loop and split tile and most whole-group tiles. Smaller tiles get 4,
+    then 2 warps; tiles over 16K (very wide channel blocks) 16."""
+    return [triton.Config({}, num_warps=w) for w in (8, 4, 16, 2)]
 
 
 def _stream_configs():
+    """Elementwise kernels: BLOCK_S ascending, 4 warps first, so the first kept config is the
+    smallest tile of ≥ 2K elements at 16 elements per thread: the most programs for the batch-1
+    (split) shapes these kernels serve, each with a full 16-byte vector per thread."""
     return [triton.Config({"BLOCK_S": s}, num_warps=w)
             for s in (16, 32, 64, 128, 256, 512, 1024, 2048) for w in (4, 8)]
 
@@ -201,8 +209,7 @@ def _keep_register_tiles(configs, named_args, **kwargs):
     args = {**named_args, **kwargs}
     tile = args["BLOCK_C"] * args["BLOCK_S"]
     kept = [cfg for cfg in configs if 8 <= tile // (32 * cfg.num_warps) <= 64]
-    kept = kept or [min(configs, key=lambda cfg: abs(tile // (32 * cfg.num_warps) - 16))]
-    return kept[:1] if _interpreting() else kept   # the interpreter cannot time anything
+    return kept or [min(configs, key=lambda cfg: abs(tile // (32 * cfg.num_warps) - 16))]
 
 
 def _keep_stream_tiles(configs, named_args, **kwargs):
@@ -218,21 +225,23 @@ def _keep_stream_tiles(configs, named_args, **kwargs):
     if not kept:  # tiny or very wide-channel blocks: the single best-fitting tile
         best = min(configs, key=lambda cfg: (abs(size(cfg) - 4096), cfg.kwargs["BLOCK_S"]))
         kept = [cfg for cfg in configs if cfg.kwargs["BLOCK_S"] == best.kwargs["BLOCK_S"]]
-    return kept[:1] if _interpreting() else kept
+    return kept
 
 
+# autotuning.autotune cuts the kept candidates to the first under SR3FAST_TRITON_AUTOTUNE=pinned
+# and under the interpreter (which cannot time anything)
 _REGISTER_TILE = dict(configs=_register_tile_configs(),
                       key=["BLOCK_C", "BLOCK_S", "ONE_TILE", "CHANNELS_LAST"],
-                      prune_configs_by={"early_config_prune": _keep_register_tiles})
+                      prune=_keep_register_tiles)
 _STREAM = dict(configs=_stream_configs(), key=["S", "BLOCK_C", "CHANNELS_LAST"],
-               prune_configs_by={"early_config_prune": _keep_stream_tiles})
+               prune=_keep_stream_tiles)
 
 
 # ---------------------------------------------------------------------------------------------
 # Forward kernels
 # ---------------------------------------------------------------------------------------------
 
-@triton.autotune(**_REGISTER_TILE)
+@autotuning.autotune(**_REGISTER_TILE)
 @triton.jit
 def _forward_group_kernel(
     x_ptr,       # (B, C, S) input, NCHW or NHWC order (CHANNELS_LAST); fp32/fp16/bf16
@@ -296,7 +305,7 @@ def _forward_group_kernel(
             tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.autotune(**_REGISTER_TILE)
+@autotuning.autotune(**_REGISTER_TILE)
 @triton.jit
 def _forward_partial_moments_kernel(
     x_ptr,        # (B, C, S) input, NCHW or NHWC order
@@ -371,7 +380,7 @@ def _forward_merge_moments_kernel(
     tl.store(rstd_ptr + rows, rstd, mask=rows < ROWS)
 
 
-@triton.autotune(**_STREAM)
+@autotuning.autotune(**_STREAM)
 @triton.jit
 def _forward_normalize_kernel(
     x_ptr,        # (B, C, S) input, NCHW or NHWC order
@@ -433,7 +442,7 @@ def _grad_tile(x_ptr, dy_ptr, offs, mask, x_scale, x_offset, weight, bias, ACT: 
     return xhat, _grad_z(xhat, dy, weight, bias, ACT)
 
 
-@triton.autotune(**_REGISTER_TILE)
+@autotuning.autotune(**_REGISTER_TILE)
 @triton.jit
 def _backward_group_kernel(
     x_ptr,       # (B, C, S) forward input, NCHW or NHWC order
@@ -510,7 +519,7 @@ def _backward_group_kernel(
             tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=mask)
 
 
-@triton.autotune(**_REGISTER_TILE)
+@autotuning.autotune(**_REGISTER_TILE)
 @triton.jit
 def _backward_partial_sums_kernel(
     x_ptr,       # (B, C, S) forward input, NCHW or NHWC order
@@ -587,7 +596,7 @@ def _backward_group_terms_kernel(
         tl.store(dshift_ptr + b * C + c, dshift.to(dshift_ptr.dtype.element_ty), mask=c_mask)
 
 
-@triton.autotune(**_STREAM)
+@autotuning.autotune(**_STREAM)
 @triton.jit
 def _backward_input_grad_kernel(
     x_ptr,       # (B, C, S) forward input, NCHW or NHWC order
