@@ -9,6 +9,8 @@ small, and the split/loop paths are reached by lowering `kernels.groupnorm_silu.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import itertools
 import math
 
 import pytest
@@ -19,6 +21,7 @@ from hypothesis import strategies as st
 
 import sr3fast
 from sr3fast import backends, ops, reference
+from sr3fast.kernels import autotuning
 from sr3fast.kernels import groupnorm_silu as gn_kernels
 from support import DEVICE, assert_within_baseline, fast_backend_params, fp32_atol, report
 
@@ -354,6 +357,193 @@ def test_triton_rejects_integer_input():
     x = torch.ones(1, 4, 2, 2, dtype=torch.int32, device=DEVICE)
     with sr3fast.backend("triton"), pytest.raises(TypeError, match="float32, float16 or bfloat16"):
         ops.groupnorm_silu(x, 2)
+
+
+# ---------------------------------------------------------------------------------------------
+# Every autotuning config forced once: the autotuner only ever runs its pick
+# ---------------------------------------------------------------------------------------------
+
+# Each autotuned kernel: whether it runs in the backward, the strategies that launch it, and its
+# prune rule (the autotuner only times the configs that rule keeps at the launch's sizes).
+AUTOTUNED = {
+    "_forward_group_kernel": (False, ("tile", "loop"), gn_kernels._keep_register_tiles),
+    "_backward_group_kernel": (True, ("tile", "loop"), gn_kernels._keep_register_tiles),
+    "_forward_partial_moments_kernel": (False, ("split",), gn_kernels._keep_register_tiles),
+    "_backward_partial_sums_kernel": (True, ("split",), gn_kernels._keep_register_tiles),
+    "_forward_normalize_kernel": (False, ("split",), gn_kernels._keep_stream_tiles),
+    "_backward_input_grad_kernel": (True, ("split",), gn_kernels._keep_stream_tiles),
+}
+# SR3's U-Nets (DESIGN.md, Table A.1): base channels, depth multipliers, output resolution
+SR3_UNETS = [(128, (1, 2, 4, 8, 8), 128), (128, (1, 2, 4, 4, 8, 8), 256),
+             (64, (1, 2, 4, 8, 8, 16, 16), 512), (16, (1, 2, 4, 8, 16, 32, 32, 32), 1024)]
+
+
+def sr3_groupnorm_problems():
+    """(batch, channels, spatial, groups) of SR3's GroupNorms: at each level ch·m channels at
+    (res/2^level)², and the decoder's concatenations with a skip of the same or a neighbouring
+    level; 32 or 16 groups; batch 1 (inference) to 64 (training)."""
+    sizes = set()
+    for ch, mults, res in SR3_UNETS:
+        for level, m in enumerate(mults):
+            concat = {ch * (m + mults[j]) for j in (level - 1, level, level + 1)
+                      if 0 <= j < len(mults)}
+            for chans in {ch * m} | concat:
+                sizes.update((chans, (res >> level) ** 2, groups) for groups in (32, 16)
+                             if chans % groups == 0)
+    return [(batch, *size) for size in sorted(sizes) for batch in (1, 2, 4, 8, 16, 32, 64)]
+
+
+def launch_sizes(p: gn_kernels.Plan, spatial: int) -> dict:
+    """The launch arguments an autotuned kernel's prune rule reads, under plan p."""
+    return {"BLOCK_C": p.block_c, "BLOCK_S": p.block_s, "S": spatial}
+
+
+@functools.lru_cache(maxsize=None)
+def sr3_reachable(name: str) -> tuple:
+    """The configs of kernel `name` that its prune rule keeps for some SR3 problem on an
+    H100/H200 (132 SMs), in either memory order: the configs a GPU may ever pick."""
+    backward, strategies, prune = AUTOTUNED[name]
+    configs = getattr(gn_kernels, name).configs
+    reached = []
+    for (batch, chans, spatial, groups), nhwc in itertools.product(sr3_groupnorm_problems(),
+                                                                   (False, True)):
+        p = gn_kernels.plan(batch, chans, spatial, groups, nhwc, 132, backward=backward,
+                            tuning=gn_kernels.Tuning())
+        if p.strategy in strategies:
+            reached += [cfg for cfg in prune(configs, launch_sizes(p, spatial))
+                        if cfg not in reached]
+    return tuple(reached)
+
+
+def _channels(block_c: int, nhwc: bool) -> tuple[int, int] | None:
+    """(channels, groups) whose group blocks are block_c wide (NCHW groups unpacked, as with
+    Tuning(small_group=1)), preferring 2 groups; None if neither layout gives that width. NHWC
+    needs ≥ 2 channels, or the tensor is contiguous and takes the NCHW path."""
+    for chans, groups in ((2 * block_c, 2), (block_c, 1)):
+        p = gn_kernels.plan(1, chans, 4096, groups, nhwc, 1,
+                            tuning=gn_kernels.Tuning(small_group=1, min_programs=1))
+        if p.block_c == block_c and (chans > 1 or not nhwc):
+            return chans, groups
+    return None
+
+
+def forced_config_cases(name: str, config, nhwc: bool) -> list:
+    """[(case, tuning, strategy)]: one small problem on each path that launches kernel `name`,
+    sized so that its prune rule keeps `config` there (the autotuner could pick it):
+      num_warps w  tiles of 256·w elements (8 per thread, the fewest the rule allows), so that on
+                   a GPU each config runs the layout it would be picked for, not a degenerate one;
+      BLOCK_S      the narrowest group block with ≥ 2K-element tiles (the rule's minimum).
+    Spatial dims are 3 × W with ragged edges: the tile path holds 3/4 of a tile, the loop and
+    split paths 1.5 tiles (a second, partial one). Strategies are forced through
+    gn_kernels.Tuning's thresholds."""
+    _, strategies, _ = AUTOTUNED[name]
+    if "BLOCK_S" in config.kwargs:
+        tile_s = config.kwargs["BLOCK_S"]
+        block_c = next(c for c in (1, 2, 4, 8, 16, 32, 64, 128, 256)
+                       if c * tile_s >= 2048 and _channels(c, nhwc))
+        tile = block_c * tile_s
+    else:
+        tile = 256 * config.num_warps
+        block_c = gn_kernels.plan(1, 4, 4096, 2, nhwc, 1,
+                                  tuning=gn_kernels.Tuning(small_group=1)).block_c
+        tile_s = tile // block_c
+    chans, groups = _channels(block_c, nhwc)
+    cases = []
+    for strategy in strategies:
+        if strategy == "tile":
+            spatial = 3 * (tile_s // 4 + 1)
+            tuning = gn_kernels.Tuning(small_group=1, min_programs=1)
+        elif strategy == "loop":
+            spatial = 3 * (tile_s // 2 + 1)
+            tuning = gn_kernels.Tuning(small_group=1, min_programs=1, loop_tile=tile,
+                                       register_tile=tile, register_tile_backward=tile)
+        else:
+            spatial = 3 * (tile_s // 2 + 1)
+            tuning = gn_kernels.Tuning(small_group=1, min_programs=1 << 20, split_tile=tile)
+        cases.append((Case((1, chans, 3, spatial // 3), groups, channels_last=nhwc), tuning,
+                      strategy))
+    return cases
+
+
+def assert_forward_matches_reference(case: Case, inputs, label=""):
+    """y alone (no backward) against the reference, with y's derived fp32 tolerance."""
+    x, weight, bias, shift = inputs
+    with torch.no_grad():
+        y = on_backend("triton")(x, case.groups, weight, bias, EPS, shift, case.act)
+    y_ref = reference.groupnorm_silu(x, case.groups, weight, bias, EPS, shift, case.act)
+    if case.channels_last:
+        assert y.movedim(1, -1).is_contiguous(), "channels-last input must give channels-last y"
+    atol = fp32_tolerances(case, inputs, grad_output(case))[0]
+    max_err, _ = report(f"{label}y", y, y_ref)
+    assert max_err <= atol, f"{label}y: max error {max_err:.3e} > {atol:.3e}"
+
+
+def every_config_params() -> list:
+    params = []
+    for name in AUTOTUNED:
+        for index, cfg in enumerate(getattr(gn_kernels, name).configs):
+            tag = "".join(f"-{k}{v}" for k, v in cfg.kwargs.items()) + f"-w{cfg.num_warps}"
+            params.append(pytest.param(name, index, id=f"{name.strip('_')}{tag}"))
+    return params
+
+
+def test_autotuned_kernels_are_all_known_and_pinnable(monkeypatch):
+    """A kernel autotuned but missing from AUTOTUNED would never have its configs forced; and
+    each one is declared through kernels/autotuning.py, so the pin switch cuts it to one config
+    (a plain triton.autotune would time them all in the GPU's pinned test run)."""
+    from triton.runtime.autotuner import Autotuner
+    declared = {n for n, obj in vars(gn_kernels).items() if isinstance(obj, Autotuner)}
+    assert declared == set(AUTOTUNED)
+    sizes = {"BLOCK_C": 16, "BLOCK_S": 256, "S": 4096}  # several configs of each kernel fit
+    monkeypatch.delenv(autotuning.PIN_VARIABLE, raising=False)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    for name in AUTOTUNED:
+        kernel = getattr(gn_kernels, name)
+        assert len(kernel.early_config_prune(kernel.configs, sizes)) > 1, name
+        monkeypatch.setenv(autotuning.PIN_VARIABLE, "pinned")
+        assert len(kernel.early_config_prune(kernel.configs, sizes)) == 1, name
+        monkeypatch.delenv(autotuning.PIN_VARIABLE)
+
+
+@needs_triton
+@pytest.mark.parametrize("nhwc", [False, True], ids=["nchw", "nhwc"])
+@pytest.mark.parametrize("name, index", every_config_params())
+def test_triton_every_config_matches_reference(monkeypatch, name, index, nhwc):
+    """Kernel `name` forced to its config `index` (autotuning.forced) against the reference with
+    derived fp32 tolerances (backward kernels: y and every gradient; forward kernels: y), on
+    each path that launches it, at a small problem where its prune rule would keep that config
+    (forced_config_cases). Tested are the configs some SR3 GroupNorm reaches on a GPU
+    (sr3_reachable: the prune rules at every SR3 problem, both memory orders, batch 1 to 64);
+    today that is all of them, so none is skipped for it. Under the interpreter num_warps has
+    no effect: a config that differs from an earlier one only in num_warps has its routing
+    checked, then is skipped (the same computation); on a GPU every config runs."""
+    kernel = getattr(gn_kernels, name)
+    config = kernel.configs[index]
+    backward, _, prune = AUTOTUNED[name]
+    if config not in sr3_reachable(name):
+        pytest.skip(f"{config}: the prune rule excludes it at every SR3 problem")
+    cases = forced_config_cases(name, config, nhwc)
+    for case, tuning, strategy in cases:  # the path meant, at sizes where `config` is a candidate
+        batch, chans = case.shape[:2]
+        spatial = math.prod(case.shape[2:])
+        p = gn_kernels.plan(batch, chans, spatial, case.groups, nhwc, 1, backward=backward,
+                            tuning=tuning)
+        assert p.strategy == strategy, (case, p)
+        assert config in prune(kernel.configs, launch_sizes(p, spatial)), (case, p)
+    if autotuning.interpreting() and any(earlier.kwargs == config.kwargs
+                                         for earlier in kernel.configs[:index]):
+        pytest.skip("the interpreter ignores num_warps: computed as an earlier config")
+    for case, tuning, strategy in cases:
+        monkeypatch.setattr(gn_kernels, "TUNING", tuning)
+        kernel.best_config = None
+        inputs = make_inputs(case)
+        with autotuning.forced(kernel, config):
+            if backward:
+                assert_matches_reference(case, on_backend("triton"), inputs, grad_output(case),
+                                         label=f"{strategy} ")
+            else:
+                assert_forward_matches_reference(case, inputs, label=f"{strategy} ")
+        assert kernel.best_config is config, f"{name} did not run on the {strategy} path"
 
 
 # ---------------------------------------------------------------------------------------------
