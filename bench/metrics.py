@@ -33,11 +33,26 @@ def add_rates(row: Row, peak: Peak | None, dtype: torch.dtype, tf32: bool, prima
         row.percent_of_roofline = 100 * row.roofline_ms / row.median_ms
 
 
+def add_measured_ceiling(row: Row, ceilings: dict | None, primary: str) -> None:
+    """% of the ceiling measured on this device in the same run (`hardware.measure_ceilings`):
+    copy bandwidth for bandwidth-bound rows, the bf16 GEMM rate for bf16 compute-bound rows."""
+    if row.status != OK or not ceilings:
+        return
+    if primary == "bytes" and row.gbps is not None:
+        row.extra["percent_of_measured"] = 100 * row.gbps / (ceilings["copy_tbps"] * 1e3)
+        row.extra["measured_ceiling"] = f"copy {ceilings['copy_tbps']:.2f} TB/s"
+    elif primary == "flops" and row.tflops is not None and row.dtype == "bfloat16":
+        row.extra["percent_of_measured"] = 100 * row.tflops / ceilings["bf16_gemm_tflops"]
+        row.extra["measured_ceiling"] = f"bf16 GEMM {ceilings['bf16_gemm_tflops']:.0f} TFLOP/s"
+
+
 def add_speedups(rows: list[Row], baseline: str) -> None:
     """Speed-up of every measured row over the row named `baseline` of the same kind, subject
     and case (baseline median / row median); None where that row did not run."""
-    medians = {(r.kind, r.subject, r.case): r.median_ms for r in rows
-               if r.implementation == baseline and r.status == OK}
+    medians = {}
+    for r in rows:  # the first such row: rows of one label in several dtypes list fp32 first
+        if r.implementation == baseline and r.status == OK:
+            medians.setdefault((r.kind, r.subject, r.case), r.median_ms)
     for row in rows:
         if row.status != OK:
             continue

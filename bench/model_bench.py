@@ -68,11 +68,14 @@ class Implementation:
 
 IMPLEMENTATIONS = (
     Implementation("reference-eager", "reference eager", "reference", torch.float32),
+    Implementation("reference-eager-bf16", "reference eager", "reference", torch.bfloat16, cuda_only=True),
     Implementation("reference-compiled", "reference compiled", "reference", torch.float32, RUN_MODE),
     Implementation("reference-compiled-bf16", "reference compiled", "reference", torch.bfloat16, RUN_MODE,
                    cuda_only=True),
     *(Implementation(f"fused-{name}", f"fused {name}", name, torch.bfloat16)
       for name in ("triton", "cuda", "cpu")),
+    Implementation("fused-graph", "fused auto + graph", "auto", torch.bfloat16, cuda_graph=True,
+                   cuda_only=True),
     Implementation("fused-compiled", "fused auto + compile", "auto", torch.bfloat16, RUN_MODE),
     Implementation("fused-compiled-graph", "fused auto + compile + graph", "auto", torch.bfloat16,
                    RUN_MODE_NO_GRAPHS, cuda_graph=True, cuda_only=True),

@@ -17,15 +17,18 @@ BASELINE = "torch"
 
 
 def run_op(cases: list[OpCase], device: torch.device, budget: Budget, compile_mode: str,
-           progress: Callable[[str], None] = lambda message: None) -> list[Row]:
-    """Every provider on every case of one op, with rates, % of peak and speed-ups over torch."""
+           progress: Callable[[str], None] = lambda message: None,
+           ceilings: dict | None = None) -> list[Row]:
+    """Every provider on every case of one op, with rates, % of peak (and of the `ceilings`
+    measured in the same run, when given) and speed-ups over torch."""
     peak, tf32 = hardware.peak_for(device), hardware.tf32_enabled()
     rows = []
     for case in cases:
-        for provider in providers():
+        for provider in providers(case.op):
             progress(f"{case.op} {case.label} {provider}")
             row = run_case(case, provider, device, budget, compile_mode)
             metrics.add_rates(row, peak, case.dtype(device), tf32, case.primary)
+            metrics.add_measured_ceiling(row, ceilings, case.primary)
             rows.append(row)
     metrics.add_speedups(rows, BASELINE)
     return rows
@@ -44,6 +47,10 @@ def run_case(case: OpCase, provider: str, device: torch.device, budget: Budget, 
     with measuring(row):
         inputs = case.make_inputs(device, dtype)
         call = make_callable(case, provider, inputs, compile_mode)
+        if provider.startswith("sdpa:"):
+            refused = _sdpa_refusal(call)
+            if refused:
+                return row.skip(refused)
         with sr3fast.backend(backend) if backend else nullcontext(), torch.inference_mode():
             if provider == "torch.compile":
                 row.compile_s = time_first_call(call, device)
@@ -51,3 +58,14 @@ def run_case(case: OpCase, provider: str, device: torch.device, budget: Budget, 
             timing = measure(call, device, budget, flush_cache=True)
         row.set_timing(timing.summary())
     return row
+
+
+def _sdpa_refusal(call: Callable[[], object]) -> str | None:
+    """Why SDPA's forced kernel refuses this case (head width, dtype), or None when it runs."""
+    try:
+        call()
+    except RuntimeError as err:
+        if not any(text in str(err) for text in ("No available kernel", "No viable backend")):
+            raise
+        return "SDPA has no kernel of this kind for this case: " + str(err).splitlines()[0]
+    return None

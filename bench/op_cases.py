@@ -95,6 +95,25 @@ def _attention_math(q, k, v):
     return torch.softmax(scores, dim=-1) @ v
 
 
+def _attention_bmm_softmax(q, k, v):
+    """The attention of the public SR3 code: two batched matmuls around a softmax, as plain ops."""
+    batch, heads, length, dim = q.shape
+    q, k, v = (t.reshape(batch * heads, length, dim) for t in (q, k, v))
+    scores = torch.bmm(q, k.transpose(1, 2)).mul_(dim ** -0.5)
+    return torch.bmm(torch.softmax(scores, dim=-1), v).view(batch, heads, length, dim)
+
+
+def _attention_sdpa(backend_name: str):
+    """F.scaled_dot_product_attention restricted to one of its kernels (no silent fallback)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    backend = getattr(SDPBackend, backend_name)
+
+    def run(q, k, v):
+        with sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(q, k, v)
+    return run
+
+
 def _attention_sr3fast(q, k, v):
     return ops.attention(q, k, v)
 
@@ -161,9 +180,19 @@ _IMPLEMENTATIONS = {
     "reverse_step": (_reverse_step_torch, _reverse_step_torch, _reverse_step_sr3fast),
     "conv2d": (_conv2d_torch, _conv2d_torch, _conv2d_sr3fast),
 }
+# Extra plain-PyTorch providers of one op, beside torch / torch.compile / sr3fast:<backend>.
+# Attention has several PyTorch kernels worth beating: SDPA's memory-efficient kernel (its flash
+# kernel stops at d = 256, below SR3's heads), its math path, and the public code's bmm + softmax.
+EXTRA_PROVIDERS = {
+    "attention": {
+        "sdpa:efficient": _attention_sdpa("EFFICIENT_ATTENTION"),
+        "sdpa:math": _attention_sdpa("MATH"),
+        "bmm+softmax": _attention_bmm_softmax,
+    },
+}
 NOTES = {
-    "attention": "torch = F.scaled_dot_product_attention; torch.compile compiles the explicit "
-                 "softmax(q kᵀ/√d) v",
+    "attention": "torch = F.scaled_dot_product_attention (its own kernel choice); sdpa:<kernel> "
+                 "forces one; torch.compile compiles the explicit softmax(q kᵀ/√d) v",
     "reverse_step": "clip 1, z drawn per call (in-kernel where fused); float32 state",
     "conv2d": "3x3, padding 1, NCHW inputs; sr3fast:cpu prepacks the weight once and runs "
               "channels-last (its time includes converting x)",
@@ -175,9 +204,9 @@ CASES = (
     _groupnorm_case(4, 128, 64, 32),
     _groupnorm_case(1, 1024, 32, 16),
     _attention_case(1, 256, 512),
-    _attention_case(4, 256, 512),
+    _attention_case(16, 256, 512),
     _attention_case(1, 1024, 1024),
-    _attention_case(4, 1024, 1024),
+    _attention_case(16, 1024, 1024),
     _reverse_step_case(1, 128),
     _reverse_step_case(16, 128),
     _reverse_step_case(1, 512),
@@ -190,8 +219,9 @@ CASES = (
 QUICK_CASES = tuple(next(c for c in CASES if c.op == op) for op in _IMPLEMENTATIONS)
 
 
-def providers() -> tuple[str, ...]:
-    return ("torch", "torch.compile", *(f"sr3fast:{name}" for name in BACKENDS))
+def providers(op: str) -> tuple[str, ...]:
+    return ("torch", *EXTRA_PROVIDERS.get(op, {}), "torch.compile",
+            *(f"sr3fast:{name}" for name in BACKENDS))
 
 
 def provider_unavailable(provider: str, op: str, device: torch.device) -> str | None:
@@ -205,8 +235,11 @@ def make_callable(case: OpCase, provider: str, inputs: dict, compile_mode: str) 
     """A no-argument callable running `provider` on `inputs`. For sr3fast providers the caller
     selects the backend (sr3fast.backend) around every call of it, warm-up included."""
     eager, compilable, fused = _IMPLEMENTATIONS[case.op]
+    extra = EXTRA_PROVIDERS.get(case.op, {})
     if provider == "torch":
         fn = eager
+    elif provider in extra:
+        fn = extra[provider]
     elif provider == "torch.compile":
         fn = torch.compile(compilable, mode=compile_mode, dynamic=False)
     else:

@@ -46,7 +46,8 @@ def loop_table(config: str, rows: list[Row]) -> str:
 
 
 def op_table(op: str, unit: str, note: str | None, rows: list[Row]) -> str:
-    headers = ["shape", "provider", "dtype", "µs", "[IQR]", unit, "% peak", "speed-up", "compile s", "note"]
+    headers = ["shape", "provider", "dtype", "µs", "[IQR]", unit, "% peak", "% measured", "speed-up",
+               "compile s", "note"]
     shown, footnotes = _collapse_skips(rows)
     body = []
     for row in shown:
@@ -57,7 +58,8 @@ def op_table(op: str, unit: str, note: str | None, rows: list[Row]) -> str:
         rate = row.gbps if unit == "GB/s" else row.tflops
         body.append(lead + [
             _ms(row.median_ms * 1e3), _iqr(row, scale=1e3), _sig(rate),
-            _pct(row.percent_of_peak), _speedup(row.speedup), _num(row.compile_s, 1), row.note or ""])
+            _pct(row.percent_of_peak), _pct(row.extra.get("percent_of_measured")), _speedup(row.speedup),
+            _num(row.compile_s, 1), row.note or ""])
     title = f"{op} ({unit}{'; ' + note if note else ''})"
     return "\n".join([title, _table(headers, body), *footnotes])
 

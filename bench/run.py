@@ -77,6 +77,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true",
                         help="smoke test: the tiny model at batch 1 without compiled model rows, the "
                              "smallest shape of each op, few repeats")
+    parser.add_argument("--op", action="append", metavar="NAME",
+                        help="only these ops (repeat or comma-separate): "
+                             + ", ".join(dict.fromkeys(c.op for c in op_cases.CASES)))
+    parser.add_argument("--no-ceilings", action="store_true",
+                        help="GPU: do not measure the copy bandwidth and bf16 GEMM rate first")
     parser.add_argument("--json", type=Path, metavar="PATH", help="write every row to PATH")
     parser.add_argument("--save", action="store_true",
                         help="add the rows to bench/results/<device-slug>-<YYYY-MM-DD>.json, replacing "
@@ -87,6 +92,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = parser.parse_args(argv)
 
     args.config = _split(args.config)
+    args.op = _split(args.op)
+    unknown_ops = sorted(set(args.op) - {c.op for c in op_cases.CASES})
+    if unknown_ops:
+        parser.error(f"unknown --op {', '.join(unknown_ops)}")
     args.impl = _split(args.impl) or list(ALL_KEYS)
     unknown = sorted(set(args.impl) - set(ALL_KEYS))
     if unknown:
@@ -116,12 +125,14 @@ def progress(message: str) -> None:
     print(f"[bench] {message}", file=sys.stderr, flush=True)
 
 
-def run_ops(device: torch.device, quick: bool, budget: Budget, compile_mode: str) -> list[Row]:
+def run_ops(device: torch.device, quick: bool, budget: Budget, compile_mode: str,
+            ceilings: dict | None = None, only: list[str] | None = None) -> list[Row]:
     rows = []
     cases = op_cases.QUICK_CASES if quick else op_cases.CASES
+    cases = [case for case in cases if not only or case.op in only]
     for op in dict.fromkeys(case.op for case in cases):
         op_cases_of = [case for case in cases if case.op == op]
-        op_rows = op_bench.run_op(op_cases_of, device, budget, compile_mode, progress)
+        op_rows = op_bench.run_op(op_cases_of, device, budget, compile_mode, progress, ceilings)
         print(report.op_table(op, op_cases_of[0].unit, op_cases.NOTES.get(op), op_rows) + "\n", flush=True)
         rows += op_rows
     return rows
@@ -172,7 +183,7 @@ def main(argv=None) -> int:
     model_budget, op_budget = budgets(device, args.quick, args.repeats)
 
     info = environment.collect(device)
-    if device.type == "cuda" and not args.quick:
+    if device.type == "cuda" and not (args.quick or args.no_ceilings):
         progress("measuring copy bandwidth and bf16 GEMM rate")
         info["ceilings"] = hardware.measure_ceilings(device)
     print("\n".join(environment.describe(info)) + "\n", flush=True)
@@ -182,7 +193,7 @@ def main(argv=None) -> int:
 
     rows = []
     if not args.model_only:
-        rows += run_ops(device, args.quick, op_budget, op_compile_mode)
+        rows += run_ops(device, args.quick, op_budget, op_compile_mode, info.get("ceilings"), args.op)
     if not args.ops_only:
         rows += run_models(args, device, model_budget, compile_mode)
 

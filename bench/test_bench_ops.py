@@ -29,7 +29,7 @@ COMPILE_MODE = "max-autotune-no-cudagraphs" if DEVICE.type == "cuda" else "defau
 
 def _params():
     for case in CASES:
-        for provider in providers():
+        for provider in providers(case.op):
             reason = provider_unavailable(provider, case.op, DEVICE)
             marks = [pytest.mark.skip(reason=reason)] if reason else []
             case_id = f"{case.op}-{case.label.replace(' ', '-')}-{provider}"
