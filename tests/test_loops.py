@@ -1,13 +1,43 @@
 """The sampling loops (sr3fast.diffusion.loops): loop="cpp" and loop="graph" reproduce
 loop="python"; packages from `sr3fast export` run in them; every misuse says what to do.
 
-Why exact equality: every loop runs the same denoiser kernels on the same inputs, draws the same
-noise from the same generator in the same order, and applies reverse_step with kernels that are
-bit-identical to each other (the extension's reverse_step, which the C++ loop calls, is
-bit-identical to the reference on a CPU: tests/test_reverse_step.py). So nothing may differ.
+What "reproduce" can mean depends on which reverse_step kernel each loop runs:
+
+  loop="python", "graph"  `ops.reverse_step` of the selected backend (auto: the extension's CPU
+                          kernel on a CPU, the Triton kernel on CUDA);
+  loop="cpp"              always the extension's kernel (sr3fast::reverse_step through the
+                          dispatcher), whatever backend is selected.
+
+Noise. With noise="torch" every loop draws y_T and each z with torch.randn from the one generator
+in the same order, so all loops see the same noise whatever kernel they run. With noise="kernel"
+z is drawn inside the kernel: the extension's stream (CPU: torch's own normal draws; CUDA: curand
+Philox at the generator's offset) and the Triton kernel's (Philox keyed by a torch.randint draw)
+are different streams, so on CUDA loop="cpp" and a Python loop on the triton backend give two
+different, equally valid samples. No tolerance can compare those; they are compared only where
+both loops run the same kernel.
+
+Arithmetic. The extension's kernels round every operation on its own in the reference's order
+(bit-identical to sr3fast.reference, CPU and CUDA). The Triton kernel on a GPU is compiled with
+FMA contraction, so it rounds a*y - b*eps and m0*x0 + m1*y + sigma*z differently, by a few ulps.
+
+Hence:
+  - same kernel, same noise -> bit for bit: the Python loop on the extension's backend
+    (`EXTENSION`, = what auto picks on a CPU) against loop="cpp", both noise sources; the graph
+    loop against the Python loop (same backend: the very kernels the Python loop launches);
+  - different kernels (auto on CUDA: Triton against the extension) -> step by step: each step of
+    the C++ loop against the Python loop's reverse_step applied to the same state, eps and z,
+    within a rounding bound derived below (`reverse_step_rounding_bound`). Whole trajectories are
+    not compared with a tolerance: a one-ulp change of y_t changes eps = f(x, y_t, g) by the
+    U-Net's own float32 rounding at two different inputs (independent errors of many ulps), which
+    the next step multiplies by m0*b; a bound would have to model the network.
+
+Eager against package (an AOTInductor-compiled U-Net): different code for the same maths, so a
+tolerance, derived in `test_package_computes_the_models_noise_prediction`, with TF32 off on both
+sides (`fp32_only`).
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 from types import SimpleNamespace
 
@@ -16,18 +46,47 @@ import pytest
 import torch
 
 import sr3fast
+from sr3fast import backends, reference
 from sr3fast.cli import main as cli_main
-from sr3fast.diffusion import LOOPS, NoiseSchedule, respace, sample
+from sr3fast.diffusion import CLIP, LOOPS, NoiseSchedule, respace, reverse_coefficients, sample
 from sr3fast.export import PackageInfo, load_package
 
-from support import DEVICE, report
+from support import DEVICE, fp32_atol, report
 
 STEPS = 6
 HAS_EXTENSION = importlib.util.find_spec("sr3fast._C") is not None
 needs_extension = pytest.mark.skipif(not HAS_EXTENSION, reason="the C++ extension sr3fast._C is not built")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="loop='graph' needs a CUDA device")
+# The backend whose reverse_step the C++ loop runs on DEVICE: the extension's kernels for it.
+EXTENSION = DEVICE.type
+_CPP_LOOP_REASON = backends.unavailable_reason(EXTENSION, DEVICE.type)
+# loop='cpp' on DEVICE: the extension, with reverse_step kernels for DEVICE (a CUDA run needs a
+# CUDA build of sr3fast._C; a CPU-only build has no CUDA kernel for the C++ loop to call).
+needs_cpp_loop = pytest.mark.skipif(_CPP_LOOP_REASON is not None,
+                                    reason=f"loop='cpp' cannot run on {DEVICE}: {_CPP_LOOP_REASON}")
 SAMPLER_CASES = [("sr3", {}), ("posterior", {}), ("ddim", {}), ("ddim", {"eta": 0.5})]
 CASE_IDS = ["sr3", "posterior", "ddim", "ddim-eta0.5"]
+
+
+@contextlib.contextmanager
+def fp32_only():
+    """Convolutions and matmuls in full float32 inside the block (restored after).
+
+    cuDNN convolutions default to TF32 on Ampere and later (torch.backends.cudnn.allow_tf32 =
+    True), cuBLAS matmuls may (torch.backends.cuda.matmul.allow_tf32). A package runs its
+    convolutions and matmuls through the same libraries under the same process-wide switches, but
+    inductor may choose other algorithms and layouts (channels-last convolutions, say), so with
+    TF32 eager and package would differ by TF32's rounding: unit roundoff 2^-11 per product
+    instead of float32's 2^-24, about 1e-3 relative after the U-Net's K = 9*C-term sums. A
+    tolerance that wide (8192 x float32's) would hide real defects, such as a wrong constant, so
+    both sides run in float32 and keep float32's tolerance. No effect on a CPU.
+    """
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
 
 
 @pytest.fixture(scope="module")
@@ -46,15 +105,17 @@ def package(tiny, tmp_path_factory):
     folder = tmp_path_factory.mktemp("package")
     checkpoint = sr3fast.save(model, folder / "tiny.safetensors")
     path = folder / "tiny.pt2"
-    assert cli_main(["export", str(checkpoint), "-o", str(path), "--device", DEVICE.type]) == 0
+    with fp32_only():
+        assert cli_main(["export", str(checkpoint), "-o", str(path), "--device", DEVICE.type]) == 0
     return checkpoint, path
 
 
-def _sample(tiny, sampler, kwargs, loop, seed=1, **more):
-    model, schedule, x = tiny
+def _sample(tiny, sampler, kwargs, loop, seed=1, model=None, **more):
+    default_model, schedule, x = tiny
     steps = []
     generator = torch.Generator(DEVICE).manual_seed(seed)
-    y = sample(sampler, model, x, schedule, generator=generator, loop=loop,
+    y = sample(sampler, default_model if model is None else model, x, schedule,
+               generator=generator, loop=loop,
                callback=lambda i, y: steps.append((i, y.clone())), **kwargs, **more)
     return y, steps
 
@@ -68,52 +129,176 @@ def _assert_same_run(name, got, want):
     assert torch.equal(y_got, y_want)
 
 
-@needs_extension
+@needs_cpp_loop
+@pytest.mark.parametrize("noise", ["torch", "kernel"])
 @pytest.mark.parametrize("sampler,kwargs", SAMPLER_CASES, ids=CASE_IDS)
-def test_cpp_loop_reproduces_the_python_loop(tiny, sampler, kwargs):
+def test_cpp_loop_reproduces_the_python_loop(tiny, sampler, kwargs, noise):
+    """Same kernel (the extension's reverse_step in both loops), same noise: bit for bit. On a CPU
+    the extension is what auto picks anyway; on CUDA auto would pick Triton for the Python loop,
+    which the per-step test below compares."""
+    with sr3fast.backend(EXTENSION):
+        _assert_same_run(f"cpp {sampler} {noise}", _sample(tiny, sampler, kwargs, "cpp", noise=noise),
+                         _sample(tiny, sampler, kwargs, "python", noise=noise))
+
+
+U32 = 2.0 ** -24  # float32 unit roundoff
+
+
+def reverse_step_rounding_bound(y, eps, coefs, z, clip):
+    """Elementwise bound on |A - B| for two float32 evaluations A, B of one reverse step,
+
+        x0 = clamp(a*y - b*eps),  y_prev = m0*x0 + m1*y + sigma*z,
+
+    each rounding every operation once in this order, or contracting a product into the sum that
+    consumes it (an FMA, which drops that product's rounding). Standard model, fl(p o q) =
+    (p o q)(1 + d) with |d| <= u = 2^-24, and writing T = |a*y| + |b*eps|,
+    P = |m0*x0| + |m1*y| + |sigma*z| (exact values):
+
+        |x0^ - x0|          <= 3u*T                     (two products, one difference; clamp is
+                                                         1-Lipschitz, so it does not enlarge it)
+        |y_prev^ - y_prev|  <= |m0|*3u*T + 4u*P + O(u^2) (three products, two sums; and x0's error
+                                                         carried by m0)
+
+    The two evaluations are each within that of the exact value, so within twice it of each other;
+    the factor 1.001 covers the O(u^2) terms. Plus 16 float32 denormal floors for CUDA's
+    flush-to-zero (--use_fast_math), which may drop a denormal product that the other keeps.
+    Computed in float64 from the float32 inputs, so the bound itself is exact enough.
+    """
+    shape = (-1,) + (1,) * (y.dim() - 1)
+    a, b, m0, m1, sigma = (coefs.double()[:, k].reshape(shape) for k in range(5))
+    y, eps, z = y.double(), eps.double(), z.double()
+    products = (a * y).abs() + (b * eps).abs()
+    x0 = a * y - b * eps
+    if clip is not None:
+        x0 = x0.clamp(-clip, clip)
+    terms = (m0 * x0).abs() + (m1 * y).abs() + (sigma * z).abs()
+    one = m0.abs() * 3 * U32 * products + 4 * U32 * terms
+    return 2 * 1.001 * one + 16 * torch.finfo(torch.float32).tiny
+
+
+@needs_cpp_loop
+@pytest.mark.parametrize("sampler,kwargs", SAMPLER_CASES, ids=CASE_IDS)
+def test_every_cpp_loop_step_is_the_python_loops_step(tiny, sampler, kwargs):
+    """Under auto, loop="cpp" (the extension's kernel) against the reverse_step loop="python" runs
+    (auto's: the same kernel on a CPU, Triton on CUDA), one step at a time: the denoiser records
+    the state and eps the C++ loop gives it; the noise is drawn again from the same seed, as
+    sr3fast.diffusion's samplers draw it (y_T, then one z per noisy step). Each C++ step must equal
+    the Python loop's step from that state, eps and z, bit for bit where the kernels are the same,
+    else within `reverse_step_rounding_bound`. Wrong noise (another stream, another order) would
+    be off by sigma*z, far beyond the bound."""
+    model, schedule, x = tiny
+    calls = []
+
+    def recording(cond, y_t, gamma):
+        eps = model.predict_noise(cond, y_t, gamma)
+        calls.append((y_t.clone(), eps.clone()))
+        return eps
+
     with sr3fast.backend("auto"):
-        _assert_same_run(f"cpp {sampler}", _sample(tiny, sampler, kwargs, "cpp"),
-                         _sample(tiny, sampler, kwargs, "python"))
+        python_kernel = backends.resolve("reverse_step", DEVICE.type)
+        _, steps = _sample(tiny, sampler, kwargs, "cpp", model=SimpleNamespace(predict_noise=recording))
+        assert len(calls) == len(steps) == STEPS
+        generator = torch.Generator(DEVICE).manual_seed(1)
+        state = torch.randn(x.shape, generator=generator, device=DEVICE)  # y_T
+        coefs = reverse_coefficients(schedule, sampler, x.shape[0], DEVICE, **kwargs)
+        stochastic = sampler != "ddim" or kwargs.get("eta", 0) > 0
+        clip = CLIP[sampler]
+        worst = 0.0
+        for i, ((y_t, eps), (_, y_prev)) in enumerate(zip(calls, steps)):
+            assert torch.equal(y_t, state), f"step {i}: the denoiser did not get the loop's state"
+            if stochastic and i < STEPS - 1:
+                z = torch.randn(state.shape, generator=generator, device=DEVICE)
+            else:
+                z = torch.zeros_like(state)
+            want = sr3fast.ops.reverse_step(y_t, eps.float(), coefs[i], noise=z, clip=clip)
+            if python_kernel == EXTENSION:
+                assert torch.equal(y_prev, want), f"step {i} differs ({python_kernel} kernel)"
+            else:
+                bound = reverse_step_rounding_bound(y_t, eps, coefs[i], z, clip)
+                excess = ((y_prev.double() - want.double()).abs() / bound).max().item()
+                worst = max(worst, excess)
+                assert excess <= 1, (f"step {i}: C++ and {python_kernel} steps differ by "
+                                     f"{excess:.2f}x the rounding bound")
+            state = y_prev
+        print(f"{sampler}: python loop's kernel {python_kernel}; worst step difference "
+              f"{worst:.3f} of the rounding bound")
 
 
-@needs_extension
+def test_reverse_step_rounding_bound_covers_fused_multiply_adds():
+    """The bound against the two extremes it must cover: every operation rounded (the reference)
+    and every product contracted into its sum (FMA, emulated in float64 then rounded once), with
+    values of many magnitudes and a clamp."""
+    generator = torch.Generator().manual_seed(0)
+    shape = (4, 3, 32, 32)
+    y = torch.randn(shape, generator=generator) * 10.0 ** torch.randint(-3, 3, shape, generator=generator)
+    eps, z = torch.randn(shape, generator=generator), torch.randn(shape, generator=generator)
+    coefs = torch.rand(4, 5, generator=generator) * 3
+    for clip in (None, 1.0):
+        rounded = reference.reverse_step(y, eps, coefs, z, clip)
+        a, b, m0, m1, sigma = (coefs[:, k].reshape(-1, 1, 1, 1) for k in range(5))
+        fma = lambda p, q, r: (p.double() * q.double() + r.double()).float()  # noqa: E731
+        x0 = fma(a, y, -(b * eps))
+        if clip is not None:
+            x0 = x0.clamp(-clip, clip)
+        fused = fma(m0, x0, fma(m1, y, sigma * z))
+        bound = reverse_step_rounding_bound(y, eps, coefs, z, clip)
+        ratio = ((fused.double() - rounded.double()).abs() / bound).max().item()
+        print(f"clip={clip}: FMA against rounded: {ratio:.3f} of the bound")
+        assert 0 < ratio <= 1  # they do differ (the test means something) and stay within
+
+
+@needs_cpp_loop
 def test_cpp_loop_with_a_package_reproduces_the_python_loop(tiny, package):
     _, path = package
-    for sampler, kwargs in SAMPLER_CASES[1:3]:
-        _assert_same_run(f"cpp package {sampler}", _sample(tiny, sampler, kwargs, "cpp", package=path),
-                         _sample(tiny, sampler, kwargs, "python", package=path))
+    with sr3fast.backend(EXTENSION):  # the same reverse_step kernel in both loops
+        for sampler, kwargs in SAMPLER_CASES[1:3]:
+            _assert_same_run(f"cpp package {sampler}", _sample(tiny, sampler, kwargs, "cpp", package=path),
+                             _sample(tiny, sampler, kwargs, "python", package=path))
 
 
 @needs_extension
 def test_package_computes_the_models_noise_prediction(tiny, package):
+    """Eager against the package, both in float32 (fp32_only): the same maths in another order
+    (inductor fuses and reorders, picks its own kernels and layouts), so they may differ by
+    float32 summation-order error. Tolerance: support.fp32_atol (8 eps32 sqrt(K) on the scale of
+    the result) for the longest reduction K of the U-Net (conv fan-in, group of a GroupNorm),
+    once per layer, the layers' errors combined as independent (sqrt of the count); GroupNorm
+    keeps every layer's output on the scale of eps, on which the errors are measured."""
     model, _, x = tiny
     runner, info = load_package(package[1], DEVICE)
     assert info.shape == tuple(x.shape) and info.dtype == torch.float32
     assert info.config == model.config.to_dict()
     y_t, gamma = torch.randn_like(x), torch.tensor([0.3], device=DEVICE)
-    with torch.no_grad():
+    with torch.no_grad(), fp32_only():
         want = model.predict_noise(x, y_t, gamma)
-    got = runner(x, y_t, gamma)
-    report("package eps", got, want)
-    # fp32 on both sides; inductor only reorders and fuses the arithmetic
-    torch.testing.assert_close(got, want)
+        got = runner(x, y_t, gamma)
+    layers = [m for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.GroupNorm)]
+    group = max(m.num_channels // m.num_groups for m in norms) * x.shape[-2] * x.shape[-1]
+    reduction = max(max(m.weight[0].numel() for m in layers), group)
+    atol = len(layers) ** 0.5 * fp32_atol(reduction, want.abs().max().item())
+    max_err, _ = report("package eps", got, want)
+    print(f"tolerance {atol:.3e} ({len(layers)} layers, reductions up to {reduction})")
+    assert got.shape == want.shape and max_err <= atol
 
 
-@needs_extension
+@needs_cpp_loop
 def test_upscale_cpp_loop_and_package_give_the_python_loops_image(package, tmp_path):
     checkpoint, path = package
     model = sr3fast.load(checkpoint, device=DEVICE)
     low = (np.random.default_rng(0).random((4, 4, 3)) * 255).astype(np.uint8)
     image = torch.from_numpy(low).permute(2, 0, 1)[None]
-    want = sr3fast.upscale(image, model, steps=4, seed=3, progress=False)
-    got = sr3fast.upscale(image, model, steps=4, seed=3, progress=False, loop="cpp", package=path)
+    with sr3fast.backend(EXTENSION), fp32_only():  # one reverse_step kernel; no TF32 (fp32_only)
+        want = sr3fast.upscale(image, model, steps=4, seed=3, progress=False)
+        got = sr3fast.upscale(image, model, steps=4, seed=3, progress=False, loop="cpp", package=path)
+        python_package = sr3fast.upscale(image, model, steps=4, seed=3, progress=False, package=path)
     assert got.shape == want.shape == (1, 3, 16, 16)
-    assert torch.equal(got, sr3fast.upscale(image, model, steps=4, seed=3, progress=False, package=path))
+    assert torch.equal(got, python_package)
     # the package's rounding differs from eager's by ulps; 8-bit output absorbs nearly all of it
     assert (got.int() - want.int()).abs().max() <= 1
 
 
-@needs_extension
+@needs_cpp_loop
 def test_cli_upscale_with_loop_and_package(package, tmp_path):
     from PIL import Image
 
@@ -122,9 +307,10 @@ def test_cli_upscale_with_loop_and_package(package, tmp_path):
     outputs = {}
     for loop in ("python", "cpp"):
         out = tmp_path / f"{loop}.png"
-        assert cli_main(["upscale", str(tmp_path / "in.png"), "-o", str(out), "--model", str(checkpoint),
-                         "--steps", "3", "--seed", "0", "-q", "--loop", loop, "--package", str(path),
-                         "--device", DEVICE.type]) == 0
+        with sr3fast.backend(EXTENSION):  # the C++ loop's reverse_step for the Python loop too
+            assert cli_main(["upscale", str(tmp_path / "in.png"), "-o", str(out), "--model", str(checkpoint),
+                             "--steps", "3", "--seed", "0", "-q", "--loop", loop, "--package", str(path),
+                             "--device", DEVICE.type]) == 0
         outputs[loop] = np.asarray(Image.open(out))
     assert outputs["python"].shape == (16, 16, 3)
     assert np.array_equal(outputs["python"], outputs["cpp"])
@@ -185,9 +371,22 @@ def test_export_refuses_sizes_the_unet_cannot_take(tiny, tmp_path):
 @pytest.mark.parametrize("noise", ["torch", "kernel"])
 @pytest.mark.parametrize("sampler,kwargs", SAMPLER_CASES, ids=CASE_IDS)
 def test_graph_loop_reproduces_the_python_loop(tiny, sampler, kwargs, noise):
-    # the graph replays the very kernels the Python loop launches, with the same noise offsets
+    # Same backend, so the graph replays the very kernels the Python loop launches (auto: Triton's
+    # reverse_step in both), with the same noise offsets: bit for bit, both noise sources.
     _assert_same_run(f"graph {sampler} {noise}", _sample(tiny, sampler, kwargs, "graph", noise=noise),
                      _sample(tiny, sampler, kwargs, "python", noise=noise))
+
+
+@needs_cuda
+@pytest.mark.cuda
+@needs_extension
+def test_graph_loop_with_a_package_reproduces_the_python_loop(tiny, package):
+    """The package's runner captured in the step's graph: same compiled U-Net, same reverse_step
+    kernel, same noise as the Python loop driving the same package."""
+    _, path = package
+    for sampler, kwargs in SAMPLER_CASES[1:3]:
+        _assert_same_run(f"graph package {sampler}", _sample(tiny, sampler, kwargs, "graph", package=path),
+                         _sample(tiny, sampler, kwargs, "python", package=path))
 
 
 @needs_cuda
@@ -208,3 +407,86 @@ def test_graph_loop_runs_a_one_step_schedule(tiny):
     got = sample("sr3", model, x, one_step, generator=torch.Generator(DEVICE).manual_seed(0), loop="graph")
     want = sample("sr3", model, x, one_step, generator=torch.Generator(DEVICE).manual_seed(0))
     assert torch.equal(got, want)
+
+
+# ---- export of Triton ops whose optional inputs are absent -----------------------------------
+
+class NormDenoiser(torch.nn.Module):
+    """A denoiser made of groupnorm_silu calls with the optional inputs absent and present, as the
+    U-Net makes them: shift=None (every norm but the one after the noise-level bias), and
+    weight=bias=None, next to a call with all of them."""
+
+    def __init__(self, channels: int = 8, groups: int = 4):
+        super().__init__()
+        generator = torch.Generator().manual_seed(0)
+        self.groups = groups
+        self.weight = torch.nn.Parameter(1 + 0.3 * torch.randn(channels, generator=generator))
+        self.bias = torch.nn.Parameter(0.3 * torch.randn(channels, generator=generator))
+        self.embed = torch.nn.Linear(1, channels)
+
+    def predict_noise(self, x, y_t, gamma):
+        h = sr3fast.ops.groupnorm_silu(x + y_t, self.groups)                        # all absent
+        h = sr3fast.ops.groupnorm_silu(h, self.groups, self.weight, self.bias)        # shift=None
+        shift = self.embed(gamma[:, None])
+        return sr3fast.ops.groupnorm_silu(h, self.groups, self.weight, self.bias, shift=shift,
+                                          act=False)
+
+
+def _norm_inputs():
+    generator = torch.Generator().manual_seed(1)
+    x = torch.randn(2, 8, 6, 10, generator=generator).to(DEVICE)
+    return x, torch.randn(x.shape, generator=generator).to(DEVICE), torch.tensor([0.3, 0.8], device=DEVICE)
+
+
+@pytest.mark.skipif(backends.unavailable_reason("triton", DEVICE.type) is not None,
+                    reason=f"triton backend: {backends.unavailable_reason('triton', DEVICE.type)}")
+def test_export_keeps_the_triton_groupnorm_with_absent_inputs():
+    """torch.export of the Triton groupnorm op with shift, weight and bias None (on a CPU through
+    the interpreter): the ops stay in the graph as sr3fast::groupnorm_silu_triton with their None
+    arguments (which AOTInductor later lowers into the kernels: the CUDA test below), their fake
+    implementation gives the real outputs' shapes, dtypes and strides, and the exported program
+    computes what the eager module does, bit for bit (the same kernels)."""
+    from sr3fast.export import _PredictNoise
+
+    model = NormDenoiser().to(DEVICE).eval()
+    x, y_t, gamma = _norm_inputs()
+    with sr3fast.backend("triton"), torch.no_grad():
+        program = torch.export.export(_PredictNoise(model), (x, y_t, gamma))
+        want = model.predict_noise(x, y_t, gamma)
+        got = program.module()(x, y_t, gamma)
+    nodes = [n for n in program.graph.nodes
+             if n.op == "call_function" and "groupnorm_silu_triton" in str(n.target)]
+    assert len(nodes) == 3, program.graph
+    shifts = [n.args[5] for n in nodes]
+    assert shifts[0] is None and shifts[1] is None and shifts[2] is not None
+    assert nodes[0].args[2] is None and nodes[0].args[3] is None
+    for node in nodes:
+        y, mean, rstd = node.meta["val"]
+        assert tuple(y.shape) == tuple(x.shape) and y.dtype == x.dtype and y.stride() == x.stride()
+        assert tuple(mean.shape) == tuple(rstd.shape) == (2, 4) and mean.dtype == torch.float32
+    assert torch.equal(got, want)
+
+
+@needs_cuda
+@pytest.mark.cuda
+@pytest.mark.skipif(backends.unavailable_reason("triton", "cuda") is not None,
+                    reason=f"triton backend: {backends.unavailable_reason('triton', 'cuda')}")
+def test_aoti_package_of_the_triton_groupnorm_with_absent_inputs(tmp_path):
+    """The same module through AOTInductor (sr3fast.export.export_denoiser): the Triton kernels get
+    None for shift/weight/bias pointers, behind their HAS_* constexpr flags. Inductor must lower
+    those calls (a None becomes a constexpr argument, not a pointer) in the package's C++
+    launcher; the package must run and agree with eager. Elementwise float32 work around the
+    kernels (the Linear, x + y_t) may be fused or reordered by inductor, so the tolerance is
+    float32 summation order over the widest reduction (a group: C/G * H * W), 8x over."""
+    from sr3fast.export import export_denoiser
+
+    model = NormDenoiser().to(DEVICE).eval()
+    x, y_t, gamma = _norm_inputs()
+    with sr3fast.backend("triton"), fp32_only(), torch.no_grad():
+        path = export_denoiser(model, x, tmp_path / "norms.pt2")
+        runner = torch._inductor.aoti_load_package(str(path))
+        got = runner(x, y_t, gamma)
+        want = model.predict_noise(x, y_t, gamma)
+    max_err, _ = report("norms package", got, want)
+    assert got.shape == want.shape
+    assert max_err <= 8 * fp32_atol(2 * 6 * 10, want.abs().max().item())

@@ -9,10 +9,25 @@
               reads its step index from a device counter and advances it, replayed T times; the
               host's per-step work is one graph launch.
 
-Every loop follows the contract of sr3fast.diffusion.coefficients and draws its noise from the
-same generator in the same order, so for a seed they give the same image: loop="cpp" on a CPU
-bit for bit (the C++ loop calls the extension's reverse_step, which is bit-identical to the
-reference); on CUDA, and for "graph", to the rounding of the kernels chosen.
+Every loop follows the contract of sr3fast.diffusion.coefficients. What a seed reproduces
+across loops depends on the reverse_step kernel each one runs:
+
+    "python", "graph"  `ops.reverse_step` of the selected backend (auto: the extension's kernel
+                       on a CPU, the Triton kernel on CUDA);
+    "cpp"              always the extension's kernel (sr3fast::reverse_step through the
+                       dispatcher), whatever backend is selected.
+
+  - noise="torch" (the default): every loop draws y_T and each z with torch.randn from the one
+    generator in the same order, so all see the same noise. Where the kernels are the same ("cpp"
+    against "python" on a CPU, or on CUDA under sr3fast.backend("cuda"); "graph" against
+    "python") the image is the same bit for bit. On CUDA under auto, "cpp" (the
+    extension's kernel: every operation rounded on its own, as the reference) and "python" (the
+    Triton kernel, compiled with FMA contraction) differ by a few float32 ulps per step, which the
+    denoiser carries into the following steps: the same image to the eye, not to the bit.
+  - noise="kernel": z is drawn inside the kernel, and the extension's and the Triton kernel's
+    in-kernel streams are different. So on CUDA under auto, "cpp" and "python" draw different
+    noise for one seed: two different, equally valid samples. Select sr3fast.backend("cuda") to
+    make the Python loops draw what the C++ loop draws.
 
 Why not one graph for the whole loop: a U-Net step is a few hundred kernels, so T = 2000 steps
 would make a graph of about a million nodes, which takes long to instantiate and replays no
@@ -73,7 +88,9 @@ def run_python(denoise: Denoise, run: SamplingRun, callback: Callable | None = N
 
 def run_cpp(denoiser: Denoise | str, run: SamplingRun, callback: Callable | None = None) -> torch.Tensor:
     """y_0 (float32) of `run`, stepping in C++. denoiser: a callable f(x, y_t, gamma) -> eps,
-    called back into Python each step, or the path of a package (sr3fast export), run in C++."""
+    called back into Python each step, or the path of a package (sr3fast export), run in C++.
+    Each step runs the extension's reverse_step whatever backend is selected (see the module
+    docstring for what that means on CUDA)."""
     extension = _extension("cpp")
     return extension.sample(denoiser, run.x, run.y_T, run.coefs, run.gammas, run.clip,
                             run.stochastic, run.noise == "kernel", run.generator, callback)
