@@ -11,6 +11,13 @@ stored in the package's metadata with the model's config; `PackageInfo.check` co
 against them before the package sees it. Weights are frozen into the package (inductor
 `freezing`). The ops of the backend selected while exporting are compiled in: on a CPU that is
 the extension's `sr3fast::conv2d`, whose prepacked weights AOTInductor's own CPU code lacks.
+
+Precision on CUDA: the package's convolutions and matmuls call cuDNN / cuBLAS under the running
+process's TF32 switches, as eager PyTorch does (torch.backends.cudnn.allow_tf32, on by default;
+torch.backends.cuda.matmul.allow_tf32, off by default; inductor's own Triton matmul templates,
+used only with max-autotune, take them at compile time). Inductor may pick other algorithms and
+layouts than eager, so package and eager agree to TF32's rounding (about 1e-3 relative) with
+TF32 on, and to float32's with both switches off.
 """
 from __future__ import annotations
 
