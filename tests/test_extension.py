@@ -433,18 +433,53 @@ def test_auto_backend_runs_the_cpu_extension_for_cpu_tensors():
 BUILD_TOOLS_PATH = os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])
 
 
+def _cuda_toolkit() -> str | None:
+    """The CUDA toolkit root, found as setup.py finds it (nvcc on PATH may be a wrapper script
+    outside the toolkit): CUDA_HOME / CUDA_PATH, then the standard install locations."""
+    for variable in ("CUDA_HOME", "CUDA_PATH"):
+        home = os.environ.get(variable)
+        if home and (Path(home) / "bin" / "nvcc").exists():
+            return home
+    for home in ("/usr/local/cuda", "/opt/cuda"):
+        if (Path(home) / "bin" / "nvcc").exists():
+            return str(Path(home).resolve())
+    return None
+
+
+CMAKE_BUILDS = [
+    pytest.param(False, id="cpu"),
+    # SR3FAST_WITH_CUDA=ON: the .cu sources too; the C++ test then checks the CUDA kernels as well
+    pytest.param(True, id="cuda", marks=[pytest.mark.cuda, pytest.mark.skipif(
+        not (torch.cuda.is_available() and torch.version.cuda and _cuda_toolkit()),
+        reason="a CUDA build needs a GPU, a CUDA build of torch and a CUDA toolkit (CUDA_HOME)")]),
+]
+
+
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("cmake", path=BUILD_TOOLS_PATH) is None,
                     reason="cmake is not installed")
-def test_cmake_build_and_ctest(tmp_path):
-    """CMakeLists.txt builds the same sources (CPU), its C++ test passes under CTest, and so does
-    sr3fast_sample on the tiny preset (csrc/tests/sample_tiny.py, run with this interpreter)."""
+@pytest.mark.parametrize("with_cuda", CMAKE_BUILDS)
+def test_cmake_build_and_ctest(tmp_path, with_cuda):
+    """CMakeLists.txt builds the same sources (CPU only by default, also the CUDA kernels with
+    SR3FAST_WITH_CUDA=ON), its C++ test passes under CTest, and so does sr3fast_sample on the tiny
+    preset (csrc/tests/sample_tiny.py, run with this interpreter).
+
+    A CPU build on a machine with CUDA: torch's CMake config, from a CUDA build of torch, looks
+    for the toolkit even so (CMakeLists.txt points it at CUDA_HOME), and the library then links
+    no CUDA, so its C++ test checks the CPU kernels only, as on a machine without a GPU."""
     generator = ["-G", "Ninja"] if shutil.which("ninja", path=BUILD_TOOLS_PATH) else []
     env = dict(os.environ, PATH=BUILD_TOOLS_PATH,
-               CMAKE_BUILD_PARALLEL_LEVEL=os.environ.get("MAX_JOBS", "2"))
+               CMAKE_BUILD_PARALLEL_LEVEL=os.environ.get("MAX_JOBS", str(os.cpu_count() or 2)))
+    cuda = []
+    if with_cuda:
+        home = _cuda_toolkit()
+        major, minor = torch.cuda.get_device_capability()
+        env.update(CUDA_HOME=home, TORCH_CUDA_ARCH_LIST=f"{major}.{minor}")  # this GPU only: faster
+        cuda = ["-DSR3FAST_WITH_CUDA=ON", f"-DCUDA_TOOLKIT_ROOT_DIR={home}",
+                f"-DCMAKE_CUDA_COMPILER={home}/bin/nvcc"]
     commands = [
         ["cmake", "-S", str(ROOT), "-B", str(tmp_path), *generator, "-DCMAKE_BUILD_TYPE=Release",
-         f"-DPython_EXECUTABLE={sys.executable}"],
+         f"-DPython_EXECUTABLE={sys.executable}", *cuda],
         ["cmake", "--build", str(tmp_path)],
         ["ctest", "--test-dir", str(tmp_path), "--output-on-failure"],
     ]
@@ -455,6 +490,12 @@ def test_cmake_build_and_ctest(tmp_path):
     # CTest registers the sample test only when CMake finds a Python; it must have run here.
     for test in ("sr3fast_ops", "sr3fast_sample_tiny"):
         assert re.search(rf"Test +#\d+: {test} \.+ +Passed", result.stdout), f"{test} did not run"
+    # Which devices the C++ test checked: the CUDA kernels exactly when they were built.
+    ops_test = subprocess.run([str(tmp_path / "sr3fast_ops_test")], env=env, capture_output=True,
+                              text=True)
+    print(ops_test.stdout[-4000:])
+    assert ops_test.returncode == 0 and "reverse_step cpu (exact)" in ops_test.stdout
+    assert ("reverse_step cuda (exact)" in ops_test.stdout) == with_cuda
 
 
 # ---- the sampling loop in C++ ------------------------------------------------------------------
@@ -514,6 +555,7 @@ def test_sample_aoti_matches_the_python_sampler(aoti_denoiser, sampler):
 
 @pytest.mark.slow
 def test_sample_aoti_registration_and_errors(aoti_denoiser):
+    import sr3fast.ops.extension.sampler  # noqa: F401  registers the op's fake kernel (run alone, too)
     path, x, _ = aoti_denoiser
     coefs = torch.rand(4, 2, 5)
     gammas = torch.rand(4, 2)
