@@ -219,6 +219,45 @@ def test_sizes_the_unet_cannot_take_are_padded_and_cropped_back():
     assert odd.shape[-2:] == (4, 4)
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_upscale_with_a_cuda_model_gives_back_the_inputs_kind_and_one_image_per_seed():
+    """A model on the GPU and images on the CPU: the result comes back as the input came (kind,
+    dtype, device), reproducibly for a seed, and every backend that runs on CUDA gives the same
+    8-bit image up to one level. Backends differ only in rounding (the Triton reverse_step
+    contracts FMAs, the extension's rounds each operation; the fused norms and attention sum in
+    other orders): float32 ulps that 4 steps of a small U-Net keep far below 1/255. TF32 is off
+    for the comparison: with it, a one-ulp change of a convolution's input can flip its TF32
+    rounding (2^-11 relative), which no longer stays below an 8-bit level."""
+    from sr3fast import backends
+
+    torch.manual_seed(0)
+    model = sr3fast.load("tiny", device="cuda")
+    x = torch.rand(1, 3, 4, 4)
+    out = sr3fast.upscale(x, model=model, steps=4, seed=7, progress=False)
+    assert out.device.type == "cpu" and out.dtype == torch.float32 and out.shape == (1, 3, 16, 16)
+    assert torch.equal(out, sr3fast.upscale(x, model=model, steps=4, seed=7, progress=False))
+    on_gpu = sr3fast.upscale(x.cuda(), model=model, steps=4, seed=7, progress=False)
+    assert on_gpu.device.type == "cuda" and torch.equal(on_gpu.cpu(), out)
+    pixels = (x * 255).to(torch.uint8)
+    images = {}
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        for name in ("reference", "triton", "cuda"):
+            if backends.unavailable_reason(name, "cuda") is None:
+                with sr3fast.backend(name):
+                    images[name] = sr3fast.upscale(pixels, model=model, steps=4, seed=7, progress=False)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = matmul, cudnn
+    for name, image in images.items():
+        assert image.dtype == torch.uint8 and image.device.type == "cpu"
+        levels = (image.int() - images["reference"].int()).abs()
+        print(f"{name}: {int((levels > 0).sum())} of {levels.numel()} values differ from the "
+              f"reference backend's, by at most {int(levels.max())}")
+        assert levels.max() <= 1, name
+
+
 @pytest.mark.parametrize("steps", [0, -3, 2.5])
 def test_steps_must_be_a_positive_integer(tiny, steps):
     with pytest.raises(ValueError, match="steps"):
