@@ -177,14 +177,42 @@ def test_broadcast_coefficient_row(backend):
                        reference.reverse_step(y, eps, row, noise=z), _magnitudes(y, eps, z, row))
 
 
+# Per-sample sizes that reach both code paths of each kernel: 35 elements (not a multiple of 4 or
+# 8) leave the C++ kernel a scalar tail after its vector lanes, and send the CUDA kernel down its
+# element-wise path; 32 fill whole vectors and CUDA's packed quads.
+NAN_SHAPES = {"tail": (2, 1, 5, 7), "aligned": (2, 1, 4, 8)}
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_clip_propagates_nan(backend):
-    """A NaN from a diverging model must stay NaN through the clip, as with torch.clamp."""
-    y, eps, z, coefs = _inputs((2, 1, 4, 4), seed=13)
-    eps[1, 0, 2, 3] = float("nan")
+@pytest.mark.parametrize("shape", NAN_SHAPES.values(), ids=NAN_SHAPES.keys())
+def test_clip_propagates_nan(backend, shape):
+    """A NaN from a diverging model must stay NaN through the clip, as with torch.clamp, while
+    ±inf clips to ∓clip like any other value out of range. min/max instructions drop a NaN
+    operand (fminf(fmaxf(NaN, -c), c) = -c), so each NaN sits in a vector lane and in the last
+    element of a sample, which the C++ kernel computes with the scalar update it shares with the
+    CUDA kernel (csrc/reverse_step/math.h)."""
+    y, eps, z, coefs = _inputs(shape, seed=13)
+    flat = eps.view(shape[0], -1)
+    nan_at = [(0, 1), (1, 2), (0, flat.shape[1] - 1), (1, flat.shape[1] - 1)]
+    inf_at = {(0, 3): float("inf"), (1, 4): float("-inf"), (1, flat.shape[1] - 2): float("inf")}
+    for at in nan_at:
+        flat[at] = float("nan")
+    for at, value in inf_at.items():
+        flat[at] = value
     actual = _fast(backend, y, eps, coefs, noise=z, clip=1.0)
-    assert torch.isnan(actual[1, 0, 2, 3])
-    assert torch.isnan(actual).sum() == 1
+    expected = reference.reverse_step(y, eps, coefs, noise=z, clip=1.0)
+    nan = torch.isnan(actual.view(shape[0], -1))
+    assert sorted(map(tuple, nan.nonzero().tolist())) == sorted(nan_at), "NaN lost or added"
+    assert torch.equal(torch.isnan(expected), torch.isnan(actual))
+    # everything else as in any other step; an infinite eps contributes a clipped x0 of size 1
+    finite_eps = torch.where(eps.isfinite(), eps, 0.0)
+    magnitudes = _magnitudes(y, finite_eps, z, coefs)
+    magnitudes += (~eps.isfinite()) * coefs[:, 2].abs().reshape(-1, 1, 1, 1)
+    keep = ~torch.isnan(expected)
+    _assert_fp32_close(f"{backend} with NaN/inf eps", actual[keep], expected[keep],
+                       magnitudes[keep])
+    if backend == "cpu":  # the C++ kernel is exact: same float32 operations in the same order
+        assert torch.equal(actual[keep], expected[keep])
 
 
 # --------------------------------------------------------------------------- layouts

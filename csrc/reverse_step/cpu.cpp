@@ -9,6 +9,7 @@
 
 #include "common/cpu_lanes.h"
 #include "common/dispatch.h"
+#include "reverse_step/math.h"
 #include "reverse_step/problem.h"
 
 namespace sr3fast::reverse_step {
@@ -33,20 +34,16 @@ void run_step(const T* y, const E* eps, const N* noise, T* out, int64_t begin, i
     L result;
     for (int j = 0; j < L::kVecs; ++j) {
       fVec x0 = a * yv.v[j] - b * ev.v[j];
-      if (clip_enabled) {
+      if (clip_enabled) {  // NaN stays NaN, as in clamp() of math.h
         x0 = at::vec::clamp(x0, low, high);
       }
       result.v[j] = m0 * x0 + m1 * yv.v[j] + sigma * zv.v[j];
     }
     result.store(out + i);
   }
-  for (; i < end; ++i) {
-    const float yi = static_cast<float>(y[i]);
-    float x0 = k[kA] * yi - k[kB] * static_cast<float>(eps[i]);
-    if (clip_enabled) {
-      x0 = std::min(std::max(x0, -clip), clip);
-    }
-    out[i] = static_cast<T>(k[kM0] * x0 + k[kM1] * yi + k[kSigma] * static_cast<float>(noise[i]));
+  for (; i < end; ++i) {  // the tail: the scalar update the CUDA kernel runs too (math.h)
+    out[i] = static_cast<T>(step_value(static_cast<float>(y[i]), static_cast<float>(eps[i]),
+                                       static_cast<float>(noise[i]), k, clip_enabled, clip));
   }
 }
 

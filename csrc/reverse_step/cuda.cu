@@ -1,6 +1,7 @@
-// reverse_step on CUDA: one fused elementwise kernel on the current stream. float32 maths with
-// explicitly rounded operations in the reference's order (no FMA contraction), so with the same z
-// it matches sr3fast.reference bit for bit.
+// reverse_step on CUDA: one fused elementwise kernel on the current stream. The per-element update
+// is math.h's step_value, shared with the CPU kernel: float32 maths with explicitly rounded
+// operations in the reference's order (no FMA contraction) and a NaN-preserving clamp, so with
+// the same z it matches sr3fast.reference bit for bit.
 //
 // Without `noise`, z is drawn in the kernel with curand's Philox, seeded from the torch generator
 // the CUDA-graph-safe way (philox_cuda_state under the generator's lock, unpacked in the kernel,
@@ -18,6 +19,7 @@
 
 #include "common/cuda_utils.cuh"
 #include "common/dispatch.h"
+#include "reverse_step/math.h"
 #include "reverse_step/problem.h"
 
 namespace sr3fast::reverse_step {
@@ -37,15 +39,6 @@ struct Step {
   bool clip_enabled;
   float clip;
 };
-
-__device__ float step_value(float y, float eps, float z, const float* k, bool clip_enabled,
-                            float clip) {
-  float x0 = __fsub_rn(__fmul_rn(k[kA], y), __fmul_rn(k[kB], eps));
-  if (clip_enabled) {
-    x0 = fminf(fmaxf(x0, -clip), clip);
-  }
-  return __fadd_rn(__fadd_rn(__fmul_rn(k[kM0], x0), __fmul_rn(k[kM1], y)), __fmul_rn(k[kSigma], z));
-}
 
 // kQuads: whether each group of four elements lies in one sample and its pointers allow 16-byte
 // (or 8-byte) packed accesses; otherwise every element is handled on its own.

@@ -1,0 +1,58 @@
+// reverse_step's scalar update, shared by the CPU and CUDA kernels (host and device code):
+//   x0 = a*y - b*eps, clamped to [-clip, clip] when the sampler clips
+//   y_prev = m0*x0 + m1*y + sigma*z
+// float32, every operation rounded on its own in the reference's order: on the device through the
+// _rn intrinsics, which nvcc never contracts into FMAs (even with --use_fast_math); on the host
+// as plain operations, which setup.py's -ffp-contract=off keeps unfused. Both devices therefore
+// reproduce sr3fast.reference bit for bit, and the CPU tests of this header cover the CUDA
+// kernel's arithmetic.
+#pragma once
+
+#include <c10/macros/Macros.h>
+
+#include "reverse_step/problem.h"
+
+namespace sr3fast::reverse_step {
+
+C10_HOST_DEVICE inline float mul(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+
+C10_HOST_DEVICE inline float add(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fadd_rn(a, b);
+#else
+  return a + b;
+#endif
+}
+
+C10_HOST_DEVICE inline float sub(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fsub_rn(a, b);
+#else
+  return a - b;
+#endif
+}
+
+// torch.clamp(x, -clip, clip), NaN included: a NaN x0 (a diverged model) stays NaN. fminf/fmaxf
+// (IEEE minNum/maxNum) return the other operand when one is NaN and so would make it -clip.
+// Both comparisons are false for NaN, which falls through to x.
+C10_HOST_DEVICE inline float clamp(float x, float clip) {
+  return x < -clip ? -clip : (x > clip ? clip : x);
+}
+
+// One element's update; k points at its sample's coefficients (Coef order).
+C10_HOST_DEVICE inline float step_value(float y, float eps, float z, const float* k,
+                                        bool clip_enabled, float clip) {
+  float x0 = sub(mul(k[kA], y), mul(k[kB], eps));
+  if (clip_enabled) {
+    x0 = clamp(x0, clip);
+  }
+  return add(add(mul(k[kM0], x0), mul(k[kM1], y)), mul(k[kSigma], z));
+}
+
+}  // namespace sr3fast::reverse_step
