@@ -34,6 +34,7 @@ def collect(device: torch.device) -> dict:
         "sr3fast": sr3fast.__version__,
         "sr3fast_commit": _git_commit(),
         "triton_interpret": os.environ.get("TRITON_INTERPRET"),
+        "triton_autotune": os.environ.get("SR3FAST_TRITON_AUTOTUNE") or "autotuned",
         "sr3fast_backend_env": os.environ.get("SR3FAST_BACKEND"),
     }
     if device.type == "cuda":
@@ -85,6 +86,9 @@ def describe(info: dict) -> list[str]:
                  f"{info['torch_threads']}")
     lines.append(f"software python {info['python']}, torch {info['torch']}, triton {info['triton']}, "
                  f"sr3fast {info['sr3fast']} ({info['sr3fast_commit']})")
+    if info.get("triton_autotune") == "pinned":
+        lines.append("triton   autotuning pinned (SR3FAST_TRITON_AUTOTUNE=pinned): each kernel runs its "
+                     "first config, untuned")
     return lines
 
 

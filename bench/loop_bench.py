@@ -75,8 +75,10 @@ def unavailable(impl: LoopImpl, device: torch.device) -> str | None:
 
 
 def run_loops(config: str, batches: list[int], impls: list[LoopImpl], device: torch.device,
-              budget: Budget, steps: int, progress: Callable[[str], None] = lambda message: None) -> list[Row]:
-    """The rows of `impls` for `config` at each batch, speed-ups over the Python loop."""
+              budget: Budget, steps: int, progress: Callable[[str], None] = lambda message: None,
+              on_row: Callable[[Row], None] = lambda row: None) -> list[Row]:
+    """The rows of `impls` for `config` at each batch, speed-ups over the Python loop; each row
+    is also handed to `on_row` as soon as it is measured."""
     from sr3fast.diffusion import NoiseSchedule, respace
 
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -96,6 +98,7 @@ def run_loops(config: str, batches: list[int], impls: list[LoopImpl], device: to
                 reason = unavailable(impl, device)
                 if reason:
                     rows.append(row.skip(reason))
+                    on_row(row)
                     continue
                 with measuring(row, f" at batch {batch}", cleanup=lambda: _release(device)):
                     denoiser = model.predict_noise
@@ -106,6 +109,7 @@ def run_loops(config: str, batches: list[int], impls: list[LoopImpl], device: to
                     _measure_loop(row, impl, model, packages.path if impl.package else None, inputs[0],
                                   schedule, steps, budget, device, floors[impl.package])
                 rows.append(row)
+                on_row(row)
     models.clear()
     metrics.add_speedups(rows, BASELINE)
     return rows
@@ -116,7 +120,8 @@ STAND_IN_SHAPE = (1, 3, 128, 128)
 
 
 def run_stand_in(impls: list[LoopImpl], device: torch.device, budget: Budget, steps: int,
-                 progress: Callable[[str], None] = lambda message: None) -> list[Row]:
+                 progress: Callable[[str], None] = lambda message: None,
+                 on_row: Callable[[Row], None] = lambda row: None) -> list[Row]:
     """The loops around a denoiser that costs almost nothing (eps = 0.5·y_t, one elementwise
     op), so that ms/step is the loop's own per-step cost: noise, reverse_step, bookkeeping.
     Package rows are left out (there is no U-Net to export)."""
@@ -140,11 +145,13 @@ def run_stand_in(impls: list[LoopImpl], device: torch.device, budget: Budget, st
             reason = unavailable(impl, device)
             if reason:
                 rows.append(row.skip(reason))
+                on_row(row)
                 continue
             with measuring(row, f" at {shape}"):
                 _measure_loop(row, impl, model, None, x, schedule, steps, budget, device, denoiser_ms)
                 row.note = "eps = 0.5·y_t: ms/step is the loop's own cost"
             rows.append(row)
+            on_row(row)
     metrics.add_speedups(rows, BASELINE)
     return rows
 

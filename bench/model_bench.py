@@ -97,8 +97,8 @@ class ModelSettings:
 
 
 def run_config(config: str, batches: list[int], implementations: list[Implementation],
-               settings: ModelSettings, progress: Callable[[str], None] = lambda message: None
-               ) -> tuple[str, list[Row]]:
+               settings: ModelSettings, progress: Callable[[str], None] = lambda message: None,
+               on_row: Callable[[Row], None] = lambda row: None) -> tuple[str, list[Row]]:
     """(a one-line description of `config`, its rows: every batch x implementation), with
     rates, % of peak and roofline, images/s and speed-ups over reference eager filled in."""
     from sr3fast.model import presets
@@ -124,6 +124,7 @@ def run_config(config: str, batches: list[int], implementations: list[Implementa
             metrics.add_rates(row, peak, impl.dtype(device), tf32, "flops")
             metrics.add_derived_sampling(row, settings.steps)
             rows.append(row)
+            on_row(row)
     models.clear()
     metrics.add_speedups(rows, BASELINE)
     return description, rows

@@ -18,7 +18,7 @@ BASELINE = "torch"
 
 def run_op(cases: list[OpCase], device: torch.device, budget: Budget, compile_mode: str,
            progress: Callable[[str], None] = lambda message: None,
-           ceilings: dict | None = None) -> list[Row]:
+           ceilings: dict | None = None, on_row: Callable[[Row], None] = lambda row: None) -> list[Row]:
     """Every provider on every case of one op, with rates, % of peak (and of the `ceilings`
     measured in the same run, when given) and speed-ups over torch."""
     peak, tf32 = hardware.peak_for(device), hardware.tf32_enabled()
@@ -30,6 +30,7 @@ def run_op(cases: list[OpCase], device: torch.device, budget: Budget, compile_mo
             metrics.add_rates(row, peak, case.dtype(device), tf32, case.primary)
             metrics.add_measured_ceiling(row, ceilings, case.primary)
             rows.append(row)
+            on_row(row)
     metrics.add_speedups(rows, BASELINE)
     return rows
 

@@ -18,6 +18,7 @@ import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
+from typing import Callable
 
 if __package__ in (None, ""):  # run as a script: make the repository root importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -126,19 +127,21 @@ def progress(message: str) -> None:
 
 
 def run_ops(device: torch.device, quick: bool, budget: Budget, compile_mode: str,
-            ceilings: dict | None = None, only: list[str] | None = None) -> list[Row]:
+            ceilings: dict | None = None, only: list[str] | None = None,
+            on_row: Callable[[Row], None] = lambda row: None) -> list[Row]:
     rows = []
     cases = op_cases.QUICK_CASES if quick else op_cases.CASES
     cases = [case for case in cases if not only or case.op in only]
     for op in dict.fromkeys(case.op for case in cases):
         op_cases_of = [case for case in cases if case.op == op]
-        op_rows = op_bench.run_op(op_cases_of, device, budget, compile_mode, progress, ceilings)
+        op_rows = op_bench.run_op(op_cases_of, device, budget, compile_mode, progress, ceilings, on_row)
         print(report.op_table(op, op_cases_of[0].unit, op_cases.NOTES.get(op), op_rows) + "\n", flush=True)
         rows += op_rows
     return rows
 
 
-def run_models(args, device: torch.device, budget: Budget, compile_mode: str) -> list[Row]:
+def run_models(args, device: torch.device, budget: Budget, compile_mode: str,
+               on_row: Callable[[Row], None] = lambda row: None) -> list[Row]:
     configs = args.config or list(model_bench.QUICK_CONFIGS if args.quick else model_bench.DEFAULT_CONFIGS)
     if args.batch:
         batches = args.batch
@@ -153,15 +156,17 @@ def run_models(args, device: torch.device, budget: Budget, compile_mode: str) ->
     loop_steps = args.loop_steps or loop_bench.default_steps(device)
     rows = []
     if loops:
-        stand_in = loop_bench.run_stand_in(loops, device, budget, loop_steps * 20, progress)
+        stand_in = loop_bench.run_stand_in(loops, device, budget, loop_steps * 20, progress, on_row)
         print(report.loop_table(loop_bench.STAND_IN, stand_in) + "\n", flush=True)
         rows += stand_in
     for config in configs:
-        description, config_rows = model_bench.run_config(config, batches, implementations, settings, progress)
+        description, config_rows = model_bench.run_config(config, batches, implementations, settings, progress,
+                                                          on_row)
         print(report.model_table(config, description, config_rows) + "\n", flush=True)
         rows += config_rows
         if loops and not (len(config_rows) == 1 and config_rows[0].case == "*"):  # not a left-out config
-            loop_rows = loop_bench.run_loops(config, batches, loops, device, budget, loop_steps, progress)
+            loop_rows = loop_bench.run_loops(config, batches, loops, device, budget, loop_steps, progress,
+                                             on_row)
             print(report.loop_table(config, loop_rows) + "\n", flush=True)
             rows += loop_rows
     return rows
@@ -191,11 +196,23 @@ def main(argv=None) -> int:
         print(f"CPU defaults: batch 1, configurations over {model_bench.CPU_DEFAULT_MAX_GFLOP} GFLOP per "
               "step left out (each says so), few repeats; pass --config/--batch to run more.\n")
 
+    settings = {"argv": sys.argv[1:], "quick": args.quick, "steps": args.steps,
+                "compile_mode": compile_mode, "op_compile_mode": op_compile_mode,
+                "model_budget": asdict(model_budget), "op_budget": asdict(op_budget)}
+    measured = []
+
+    def checkpoint(row: Row) -> None:
+        """--json holds every row measured so far: a run stopped at a time limit keeps them."""
+        measured.append(row)
+        if args.json:
+            write_json(args.json, info, {**settings, "complete": False}, measured)
+
     rows = []
     if not args.model_only:
-        rows += run_ops(device, args.quick, op_budget, op_compile_mode, info.get("ceilings"), args.op)
+        rows += run_ops(device, args.quick, op_budget, op_compile_mode, info.get("ceilings"), args.op,
+                        checkpoint)
     if not args.ops_only:
-        rows += run_models(args, device, model_budget, compile_mode)
+        rows += run_models(args, device, model_budget, compile_mode, checkpoint)
 
     memory_method = next((r.memory_method for r in rows if r.memory_method), "peak memory of the measured region")
     print(report.legend(args.steps, device.type, compile_mode, memory_method))
@@ -203,10 +220,7 @@ def main(argv=None) -> int:
     failures = [r for r in rows if r.status == ERROR]
     print(f"\n{len(rows)} rows in {elapsed:.0f} s; {len(failures)} failed")
 
-    settings = {"argv": sys.argv[1:], "quick": args.quick, "steps": args.steps,
-                "compile_mode": compile_mode, "op_compile_mode": op_compile_mode,
-                "model_budget": asdict(model_budget), "op_budget": asdict(op_budget),
-                "elapsed_s": elapsed}
+    settings.update(elapsed_s=elapsed, complete=True)
     if args.json:
         write_json(args.json, info, settings, rows)
         print(f"wrote {args.json}")

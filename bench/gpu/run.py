@@ -63,7 +63,7 @@ def dry_run() -> int:
     total = check_budget()
     for stage in STAGES:
         budget = f"{stage.budget_s:4d} s" if stage.budget_s else "  left"
-        print(f"{stage.name:20s} {budget}  {stage.what}")
+        print(f"{stage.name:28s} {budget}  {stage.what}")
     print(f"total budget: {total} s")
     return 0
 
@@ -168,7 +168,7 @@ def write_atomic(path: Path, text: str) -> None:
 
 def summary(stages: list[dict], mode: str, elapsed: float, total: int) -> str:
     lines = [f"sr3fast GPU session ({mode}): {elapsed:.0f} s of {total} s budget",
-             f"{'stage':20s} {'status':8s} {'s':>5s} {'of':>5s}  result"]
+             f"{'stage':28s} {'status':8s} {'s':>5s} {'of':>5s}  result"]
     for stage in stages:
         result = ""
         tests = stage.get("tests")
@@ -177,7 +177,7 @@ def summary(stages: list[dict], mode: str, elapsed: float, total: int) -> str:
                       f"{tests['skipped']} skipped")
         elif "rows" in stage:
             result = f"{stage['rows']} rows, {stage['row_errors']} errors"
-        lines.append(f"{stage['name']:20s} {stage['status']:8s} {stage['seconds']:5.0f} "
+        lines.append(f"{stage['name']:28s} {stage['status']:8s} {stage['seconds']:5.0f} "
                      f"{stage['timeout_s']:5.0f}  {result}")
     for stage in stages:
         for failure in (stage.get("tests") or {}).get("failed", [])[:25]:

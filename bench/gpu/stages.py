@@ -58,11 +58,12 @@ def _smoke_model(impls: str, *more: str) -> tuple[str, ...]:
                   "--impl", impls, *more)
 
 
-def _compiled(name: str, budget: int, batch: int, impls: str, smoke_impls: str) -> Stage:
-    return Stage(name, budget, "bench", f"16->128 step, B={batch}: {impls} (torch.compile default mode)",
+def _compiled(name: str, batch: int, impls: str, smoke_impls: str) -> Stage:
+    return Stage(name, 0, "bench", f"on time left over: 16->128 step, B={batch}: {impls} (torch.compile "
+                 "default mode, Triton autotuning pinned)",
                  _bench(*MODEL, "--batch", str(batch), "--repeats", "10", "--compile-mode", "default",
                         "--impl", impls),
-                 _smoke_model(smoke_impls))
+                 _smoke_model(smoke_impls), env=PINNED)
 
 
 OP_TESTS = ("tests/test_groupnorm_silu.py", "tests/test_attention.py", "tests/test_reverse_step.py",
@@ -71,7 +72,7 @@ EVERY_CONFIG = "every_config"   # name part of the tests that force each autotun
 EARLIER_TEST_FILES = (*OP_TESTS, "tests/test_extension.py", "tests/test_backends.py", "tests/test_loops.py")
 
 STAGES = (
-    Stage("environment", 10, "build", "GPU, driver, clocks; torch, triton and nvcc versions",
+    Stage("environment", 5, "build", "GPU, driver, clocks; torch, triton and nvcc versions",
           ("{python}", "-m", "bench.gpu.environment"), ("{python}", "-m", "bench.gpu.environment")),
     Stage("install", 150, "build",
           "pip install --no-build-isolation --no-deps -e . (sr3fast._C for sm_90, all cores)",
@@ -82,40 +83,47 @@ STAGES = (
     Stage("readiness", 15, "build", f"fail loudly unless the extension and backends {GPU_BACKENDS} run here",
           ("{python}", "-m", "bench.gpu.readiness", GPU_BACKENDS),
           ("{python}", "-m", "bench.gpu.readiness", CPU_BACKENDS)),
-    _tests("test-extension", 20, "C++/CUDA ops against the reference (fp32, bf16, backward, graphs)",
+    # Test stages run under pytest-xdist even where serial would do: a segfaulting test then
+    # costs its worker (reported as a failure, the worker replaced), not the stage's results.
+    _tests("test-extension", 30, "C++/CUDA ops against the reference (fp32, bf16, backward, graphs)",
            ("tests/test_extension.py", "tests/test_backends.py", "-k", "not cmake and not aoti"),
-           ("tests/test_extension.py", "-k", "reverse_step_sigma_zero or statistics_are_float32")),
-    _tests("test-triton-ops", 65, "Triton ops at SR3 shapes: fwd+bwd, fp32 and bf16 (three-way rule), "
+           ("tests/test_extension.py", "-k", "reverse_step_sigma_zero or statistics_are_float32"), workers=4),
+    _tests("test-triton-ops", 90, "Triton ops at SR3 shapes: fwd+bwd, fp32 and bf16 (three-way rule), "
            "compile(fullgraph=True), graphs",
            (*OP_TESTS, "-k", f"not {EVERY_CONFIG}"),
            ("tests/test_groupnorm_silu.py", "tests/test_reverse_step.py",
             "-k", "test_triton_rejects_integer_input or test_clip_propagates_nan"), workers=8),
-    _tests("test-loops", 20, "graph loop == python loop; C++ loop on CUDA; package run",
-           ("tests/test_loops.py",), ("tests/test_loops.py", "-k", "unknown_loop or graph_loop_on_a_cpu")),
-    _tests("test-export", 15, "AOTInductor export of the fused ops and the C++ loop over it",
-           ("tests/test_extension.py", "-k", "aoti"), ("tests/test_extension.py", "-k", "aoti_registration")),
-    Stage("bench-ops", 45, "bench",
+    _tests("test-loops", 40, "graph loop == python loop; C++ loop on CUDA; package run",
+           ("tests/test_loops.py",), ("tests/test_loops.py", "-k", "unknown_loop or graph_loop_on_a_cpu"),
+           workers=4),
+    _tests("test-export", 30, "AOTInductor export of the fused ops and the C++ loop over it",
+           ("tests/test_extension.py", "-k", "aoti"), ("tests/test_extension.py", "-k", "aoti_registration"),
+           workers=4),
+    Stage("bench-ops", 50, "bench",
           "copy GB/s + bf16 GEMM ceilings; groupnorm_silu, attention (vs SDPA kernels, bmm), reverse_step",
           _bench("--ops-only", "--op", "groupnorm_silu,attention,reverse_step", "--repeats", "30",
                  "--compile-mode", "default"),
           _bench("--ops-only", "--quick", "--device", "cpu", "--op", "groupnorm_silu,attention,reverse_step")),
-    Stage("bench-model-eager", 25, "bench",
-          "16->128 U-Net step, B=1,16: reference fp32/bf16, fused triton/cuda bf16, fused + CUDA graph",
+    # The U-Net's many GroupNorm shapes would each autotune (compile and time every candidate):
+    # minutes. Model rows run the pinned config, which the test stages have compiled already.
+    Stage("bench-model-eager", 40, "bench",
+          "16->128 U-Net step, B=1,16: reference fp32/bf16, fused triton/cuda bf16, fused + CUDA graph "
+          "(Triton autotuning pinned)",
           _bench(*MODEL, "--batch", "1", "--batch", "16", "--repeats", "10",
-                 "--impl", "reference-eager,reference-eager-bf16,fused-triton,fused-cuda,fused-graph"),
-          _smoke_model("reference-eager,reference-eager-bf16,fused-cpu,fused-graph")),
-    Stage("bench-loops", 25, "bench",
+                 "--impl", "reference-eager,reference-eager-bf16,fused-cuda,fused-triton,fused-graph"),
+          _smoke_model("reference-eager,reference-eager-bf16,fused-cpu,fused-graph"), env=PINNED),
+    Stage("bench-loops", 30, "bench",
           "loop overhead per step (python/cpp/graph, stand-in denoiser); 100-step 16->128 samples",
           _bench(*MODEL, "--batch", "1", "--repeats", "3", "--impl", "loop-python,loop-cpp,loop-graph",
                  "--loop-steps", "100"),
-          _smoke_model("loop-python,loop-cpp,loop-graph", "--loop-steps", "3")),
-    # Compiled rows, one stage each so a slow compile loses one row, not the others. Inductor's
-    # default mode: max-autotune's GEMM and convolution searches would take the whole session.
-    # fused-compiled-graph compiles the same graph as fused-compiled (inductor's cache serves it).
-    _compiled("bench-fused-compiled-b16", 35, 16, "fused-compiled,fused-compiled-graph", "fused-compiled"),
-    _compiled("bench-reference-compiled-b16", 25, 16, "reference-compiled-bf16", "reference-compiled-bf16"),
-    _compiled("bench-fused-compiled-b1", 20, 1, "fused-compiled,fused-compiled-graph", "fused-compiled-graph"),
-    _compiled("bench-reference-compiled-b1", 10, 1, "reference-compiled-bf16", "reference-compiled-bf16"),
+          _smoke_model("loop-python,loop-cpp,loop-graph", "--loop-steps", "3"), env=PINNED),
+    # On time left over: compiled rows, one stage each so a slow compile loses one row, not the
+    # others. Inductor's default mode: max-autotune's GEMM and convolution searches would take the
+    # whole session. fused-compiled-graph compiles the graph of fused-compiled again (cached).
+    _compiled("bench-fused-compiled-b16", 16, "fused-compiled,fused-compiled-graph", "fused-compiled"),
+    _compiled("bench-reference-compiled-b16", 16, "reference-compiled-bf16", "reference-compiled-bf16"),
+    _compiled("bench-fused-compiled-b1", 1, "fused-compiled,fused-compiled-graph", "fused-compiled-graph"),
+    _compiled("bench-reference-compiled-b1", 1, "reference-compiled-bf16", "reference-compiled-bf16"),
     _tests("test-every-config", 0, "on time left over: each Triton autotuning config forced once",
            (*OP_TESTS, "-k", EVERY_CONFIG), ("tests/test_autotuning.py",), workers=8),
     _tests("test-rest", 0, "on time left over: model, diffusion, API, accelerate, train tests",
