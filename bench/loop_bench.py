@@ -31,9 +31,9 @@ import torch
 import sr3fast
 
 from . import metrics
-from .model_bench import ModelCache, _cuda_graph, _release, dtype_name, step_inputs
+from .model_bench import ModelCache, _release, dtype_name, step_inputs
 from .records import Row, measuring
-from .timing import Budget, measure
+from .timing import Budget, cuda_graph, measure
 
 SAMPLER = "posterior"
 GPU_STEPS, CPU_STEPS = 50, 5   # per timed call; a CPU step of the 16->128 U-Net takes ~0.6 s
@@ -178,7 +178,7 @@ def _denoiser_ms(denoiser, inputs: tuple, device: torch.device, budget: Budget) 
     """One denoiser call's median time: its kernels replayed as a CUDA graph on a GPU."""
     step = lambda: denoiser(*inputs)  # noqa: E731
     if device.type == "cuda":
-        step = _cuda_graph(step, device)
+        step = cuda_graph(step, device)
     return measure(step, device, budget).median_ms
 
 

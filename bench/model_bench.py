@@ -37,7 +37,7 @@ from . import counting, hardware, metrics, report
 from .availability import backend_unavailable
 from .memory import peak_memory
 from .records import Row, measuring
-from .timing import Budget, measure, synchronize, time_first_call
+from .timing import Budget, cuda_graph, measure, time_first_call
 
 DEFAULT_CONFIGS = ("public-16-128", "public-64-512", "paper-64-256", "small")
 QUICK_CONFIGS = ("tiny",)
@@ -218,7 +218,7 @@ def run_row(config: str, batch: int, impl: Implementation, models: ModelCache,
             step = partial(predict_noise, x, y_t, gamma)
             if impl.cuda_graph:
                 start = time.perf_counter()
-                step = _cuda_graph(step, device)
+                step = cuda_graph(step, device)
                 row.compile_s = (row.compile_s or 0.0) + time.perf_counter() - start
                 notes.append("one CUDA graph per step (capture time in compile s)")
             with peak_memory(device) as peak:
@@ -269,21 +269,6 @@ def _compiled(fn: Callable, args: tuple, mode: str, device: torch.device):
         mark_step()
         return compiled(*call_args)
     return each_call_a_new_step, compile_s, notes
-
-
-def _cuda_graph(step: Callable[[], object], device: torch.device) -> Callable[[], object]:
-    """Capture `step` (static inputs) as one CUDA graph; return its replay."""
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):  # warm-up on a side stream, as capture requires
-        for _ in range(3):
-            step()
-    torch.cuda.current_stream(device).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        step()
-    synchronize(device)
-    return graph.replay
 
 
 def _measure_sampling(row: Row, model, predict_noise: Callable, x: torch.Tensor, settings: ModelSettings) -> None:

@@ -157,7 +157,9 @@ def legend(steps: int, device_type: str, compile_mode: str, memory_method: str) 
     lines = [
         "How to read the tables",
         "  times      median of the repeats after warm-up ([IQR] = 25th-75th percentile, n repeats);"
-        + (" CUDA events, L2 flushed before each op repeat" if device_type == "cuda"
+        + (" CUDA events; ops: L2 flushed before each repeat, the op replayed from a CUDA graph "
+           "(device time; the note gives the eager call's time, host dispatch included)"
+           if device_type == "cuda"
            else " time.perf_counter on the CPU"),
         f"  img/s      images per second of a {steps}-step sampling run: 'd' derived from the step "
         "time (batch / (steps x ms/step), the sampler's own work left out), 'm' measured end to end",
