@@ -27,9 +27,13 @@ from functools import lru_cache
 NAMES = ("reference", "triton", "cuda", "cpu")
 OPS = ("groupnorm_silu", "attention", "reverse_step", "conv2d")
 
-# auto's order of preference per device type: fastest first.
+# auto's order of preference per device type: fastest first. On CUDA the extension's kernels
+# come first where they exist (groupnorm_silu, reverse_step): on an H200 (2026-11-30, eager
+# calls, bench/results/gpu-h200-2026-11-30.json) they took 5-23 us per call against 58-259 us
+# for the Triton launchers, whose Python dispatch costs more than their kernels at SR3's sizes.
+# Attention has no CUDA kernel, so Triton runs it.
 PREFERENCE = {
-    "cuda": ("triton", "cuda", "reference"),
+    "cuda": ("cuda", "triton", "reference"),
     "cpu": ("cpu", "reference"),
 }
 # where each backend's implementation of op `name` lives: module f"{prefix}.{name}", attribute `name`
