@@ -54,9 +54,13 @@ matching input (L-fastest for the U-Net's views), so the caller's reshape back t
 stays a view. Scratch buffers are padded to whole tiles, so only loads and stores of the caller's
 tensors are masked, and only along the axes whose length is not a multiple of every block size.
 
-Autotuning: configs are keyed on the problem shape; the first call at a new shape benchmarks them
-(run it once before capturing a CUDA graph). Under TRITON_INTERPRET=1 (CPU tests) each kernel
-has one small config so the tile loops, partial tiles and statistics merging are all exercised.
+Autotuning (kernels/autotuning.py): configs are keyed on the problem shape and operand dtype; the
+first call at a new shape benchmarks the candidates that fit the dtype's register and shared
+memory budgets, at most MAX_CANDIDATES per kernel (run it once before capturing a CUDA graph;
+SR3FAST_TRITON_AUTOTUNE=pinned takes the first instead). Under TRITON_INTERPRET=1 (CPU tests)
+each kernel runs one small config of its own, so small shapes still exercise the tile loops,
+partial tiles and statistics merging; the GPU configs stay listed (GPU_CONFIGS) for tests that
+force each one. KEY_BLOCK and the scratch padding are the same in both modes.
 """
 from __future__ import annotations
 
@@ -68,12 +72,10 @@ import triton.language as tl
 from torch._subclasses.fake_tensor import FakeTensor
 from torch.library import wrap_triton
 
+from . import autotuning
+
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 LOG2E = 1.4426950408889634
-
-
-def _configs(gpu: list[triton.Config], interpreter: triton.Config) -> list[triton.Config]:
-    return [interpreter] if _INTERPRET else gpu
 
 
 def _cfg(num_warps: int, num_stages: int, **blocks: int) -> triton.Config:
@@ -81,44 +83,61 @@ def _cfg(num_warps: int, num_stages: int, **blocks: int) -> triton.Config:
 
 
 # Key tile width shared by both forward phases: the granularity of the partial softmax statistics.
-# 64 keeps phase 1 at 128×64 tiles, ~one full wave of 132 SMs at d=1024, L=1024, batch 1.
-KEY_BLOCK = 32 if _INTERPRET else 64
+# 64 keeps phase 1 at 128×64 tiles, ~one full wave of 132 SMs at d=1024, L=1024, batch 1. One
+# value everywhere (the CPU interpreter too), so every config runs the tiles it runs on a GPU.
+KEY_BLOCK = 64
 
+# GPU configs, in order of preference (pinned autotuning takes the first one that fits the dtype).
 # Phase 1 is a GEMM over d with a softmax epilogue: 128-row tiles amortise K loads, 64-row tiles
 # give more programs at L = 256.
-_SCORES_CONFIGS = _configs([
+_SCORES_CONFIGS = [
     _cfg(8, 3, BLOCK_M=128, BLOCK_D=64),
     _cfg(4, 4, BLOCK_M=128, BLOCK_D=64),
     _cfg(8, 3, BLOCK_M=128, BLOCK_D=128),
     _cfg(4, 4, BLOCK_M=64, BLOCK_D=64),
     _cfg(4, 3, BLOCK_M=64, BLOCK_D=128),
-], _cfg(4, 1, BLOCK_M=32, BLOCK_D=32))
+]
 
 # Phase 2 is a GEMM over keys: the output tile BM × BD is its register accumulator.
-_PV_CONFIGS = _configs([
+_PV_CONFIGS = [
     _cfg(8, 3, BLOCK_M=128, BLOCK_D=128),
     _cfg(8, 3, BLOCK_M=128, BLOCK_D=256),
     _cfg(4, 4, BLOCK_M=128, BLOCK_D=64),
     _cfg(4, 4, BLOCK_M=64, BLOCK_D=128),
-    _cfg(8, 3, BLOCK_M=64, BLOCK_D=256),
     _cfg(4, 4, BLOCK_M=64, BLOCK_D=64),
-], _cfg(4, 1, BLOCK_M=32, BLOCK_D=32))
+]
 
 # Backward scores: two BM × KEY_BLOCK accumulators (S and dP) and five operand tiles per d chunk.
-_GRAD_SCORES_CONFIGS = _configs([
+_GRAD_SCORES_CONFIGS = [
     _cfg(8, 3, BLOCK_M=128, BLOCK_D=64),
     _cfg(4, 3, BLOCK_M=64, BLOCK_D=64),
     _cfg(8, 4, BLOCK_M=128, BLOCK_D=32),
     _cfg(4, 4, BLOCK_M=64, BLOCK_D=32),
-], _cfg(4, 1, BLOCK_M=32, BLOCK_D=32))
+    # for fp32, whose 3- and 4-stage 128-row configs above exceed shared memory
+    _cfg(8, 2, BLOCK_M=128, BLOCK_D=32),
+]
 
-_MATMUL_CONFIGS = _configs([
+_MATMUL_CONFIGS = [
     _cfg(8, 3, BLOCK_M=128, BLOCK_N=128, BLOCK_K=64),
     _cfg(8, 3, BLOCK_M=128, BLOCK_N=256, BLOCK_K=64),
     _cfg(4, 4, BLOCK_M=128, BLOCK_N=64, BLOCK_K=64),
     _cfg(4, 4, BLOCK_M=64, BLOCK_N=128, BLOCK_K=64),
     _cfg(4, 4, BLOCK_M=64, BLOCK_N=64, BLOCK_K=64),
-], _cfg(4, 1, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32))
+]
+
+# The CPU interpreter's default tiles: 32 rows and a 32-wide d (or k) chunk, so small test shapes
+# still cross row, d and key tile edges; it runs nothing else unless a test forces a GPU config.
+_INTERPRETER_CONFIGS = {
+    "scores": _cfg(4, 1, BLOCK_M=32, BLOCK_D=32),
+    "pv": _cfg(4, 1, BLOCK_M=32, BLOCK_D=32),
+    "grad_scores": _cfg(4, 1, BLOCK_M=32, BLOCK_D=32),
+    "matmul": _cfg(4, 1, BLOCK_M=32, BLOCK_N=32, BLOCK_K=32),
+}
+GPU_CONFIGS = {"scores": _SCORES_CONFIGS, "pv": _PV_CONFIGS,
+               "grad_scores": _GRAD_SCORES_CONFIGS, "matmul": _MATMUL_CONFIGS}
+# What each autotuner is given: the interpreter's config first, then the GPU's; `_prune` keeps
+# the first only under the interpreter and drops it on a GPU.
+_CANDIDATES = {name: [_INTERPRETER_CONFIGS[name], *configs] for name, configs in GPU_CONFIGS.items()}
 
 
 def _largest(configs: list[triton.Config], name: str) -> int:
@@ -127,13 +146,81 @@ def _largest(configs: list[triton.Config], name: str) -> int:
 
 def _multiple(n: int, configs: list[triton.Config], name: str) -> bool:
     """Whether n is a multiple of every candidate `name` block (all powers of two), so a kernel
-    may drop the bounds mask on that axis whichever config the autotuner picks."""
+    may drop the bounds mask on that axis whichever config the autotuner picks or a test forces."""
     return n % _largest(configs, name) == 0
 
 
 # Scratch rows are padded to the largest row block of any kernel that reads or writes scratch
 # rows, so those kernels store whole tiles unmasked; Lq a multiple of it drops every row mask.
-_ROW_ALIGN = max(_largest(c, "BLOCK_M") for c in (_SCORES_CONFIGS, _PV_CONFIGS, _GRAD_SCORES_CONFIGS))
+_ROW_ALIGN = max(_largest(_CANDIDATES[name], "BLOCK_M") for name in ("scores", "pv", "grad_scores"))
+
+
+# ---- which configs may run, per operand dtype ---------------------------------------------------
+# One program's budgets on an H100/H200 (sm_90): 255 registers per thread, 227 KiB of shared
+# memory per block. With threads = 32 · num_warps, for a config:
+#   accumulator registers per thread = accumulator elements / threads            (fp32 each)
+#   operand registers per thread     = elements of the operand tiles loaded per loop step / threads
+#   shared memory = num_stages · bytes of those operand tiles (one copy per pipeline stage)
+# 16-bit operands: tensor-core dots read their operands from shared memory, so only the
+#   accumulator lives in registers: at most 128 per thread, half the file, as in Triton's own
+#   128×256, 8-warp bf16 matmul. (H200, Triton 3.6: every config listed below compiled at SR3's
+#   shapes with 64 to 214 registers and no spills.)
+# fp32 operands: exact fp32 dots (no TF32) run as FMAs, which hold each thread's slices of both
+#   operand tiles in registers beside the accumulator: accumulator + operands at most 160 per
+#   thread. Measured on the H200: configs at 192 to 224 (PV and matmul 128×256 tiles, 8 warps;
+#   backward scores with 64-wide d chunks) hit 255 registers and spilled 296 to 372; those at
+#   ≤ 160 spilled at most 4. (fp32 pipelines keep num_stages − 1 copies in shared memory, so the
+#   formula above over-counts them by one stage: a safe bound.)
+SHARED_MEMORY_BYTES = 227 * 1024
+REGISTER_BUDGET = {2: 128, 4: 160}  # by operand element size (bytes); what each budget counts: above
+# Autotuning compiles and times every candidate at each new shape: a few per kernel and dtype.
+MAX_CANDIDATES = 4
+
+
+def tile_footprint(kernel: str, config: triton.Config) -> tuple[int, int]:
+    """(fp32 accumulator elements, operand elements loaded per loop step) of one program."""
+    blocks = config.kwargs
+    rows = blocks["BLOCK_M"]
+    if kernel == "scores":       # S tile; Q chunk and Kᵀ chunk
+        return rows * KEY_BLOCK, (rows + KEY_BLOCK) * blocks["BLOCK_D"]
+    if kernel == "pv":           # O tile; P̃ tile and V tile
+        return rows * blocks["BLOCK_D"], (rows + blocks["BLOCK_D"]) * KEY_BLOCK
+    if kernel == "grad_scores":  # S and dP tiles; Q, dO, O chunks and Kᵀ, Vᵀ chunks
+        return 2 * rows * KEY_BLOCK, (3 * rows + 2 * KEY_BLOCK) * blocks["BLOCK_D"]
+    if kernel == "matmul":       # C tile; A and B chunks
+        return rows * blocks["BLOCK_N"], (rows + blocks["BLOCK_N"]) * blocks["BLOCK_K"]
+    raise ValueError(kernel)
+
+
+def resources(kernel: str, config: triton.Config, element_size: int) -> tuple[float, int]:
+    """(registers per thread, shared memory bytes) of a config, counted as budgeted above."""
+    accumulator, operands = tile_footprint(kernel, config)
+    in_registers = accumulator if element_size < 4 else accumulator + operands
+    return in_registers / (32 * config.num_warps), config.num_stages * operands * element_size
+
+
+def fits(kernel: str, config: triton.Config, element_size: int) -> bool:
+    registers, shared = resources(kernel, config, element_size)
+    return registers <= REGISTER_BUDGET[min(element_size, 4)] and shared <= SHARED_MEMORY_BYTES
+
+
+def candidates(kernel: str, configs: list[triton.Config], element_size: int,
+               interpreter: bool) -> list[triton.Config]:
+    """The configs among `configs` that `kernel` may time for operands of `element_size` bytes:
+    under the interpreter its own small config; on a GPU the first MAX_CANDIDATES that fit."""
+    mine = _INTERPRETER_CONFIGS[kernel]
+    if interpreter:
+        return [config for config in configs if config is mine]
+    kept = [config for config in configs if config is not mine and fits(kernel, config, element_size)]
+    return kept[:MAX_CANDIDATES]
+
+
+def _prune(kernel: str, operand: str):
+    """Early pruning for `kernel`, keyed on the element size of its argument `operand`."""
+    def prune(configs, named_args, **kwargs):
+        return candidates(kernel, configs, named_args[operand].element_size(),
+                          autotuning.interpreting())
+    return prune
 
 
 # ----------------------------------------------------------------------------------------------
@@ -203,7 +290,8 @@ def _store_tile(ptrs, value, rows, cols, n_rows, n_cols, EVEN_ROWS: tl.constexpr
 # forward
 # ----------------------------------------------------------------------------------------------
 
-@triton.autotune(configs=_SCORES_CONFIGS, key=["Lq", "Lk", "D", "BH"])
+@autotuning.autotune(_CANDIDATES["scores"], key=["Lq", "Lk", "D", "BH"],
+                     prune=_prune("scores", "q_ptr"))
 @triton.jit
 def _scores_kernel(
     q_ptr,       # (B, H, Lq, D), strides stride_q*: queries
@@ -248,7 +336,8 @@ def _scores_kernel(
     p = tl.math.exp2(s - tile_max[:, None])
     tile_sum = tl.sum(p, axis=1)
 
-    # Scratch is padded to whole tiles: no masks (padded rows hold finite values nobody reads).
+    # Scratch is padded to whole tiles: no masks. Padded rows hold values that no stored result
+    # uses (phase 2 may run a taller row tile over rows this kernel never wrote; it masks them).
     p_ptrs = p_ptr + pid_bh * Lq_pad * Lk_pad + offs_m[:, None] * Lk_pad + offs_n[None, :]
     tl.store(p_ptrs, _round(p, p_ptr.dtype.element_ty))
     stat = (pid_bh * (Lk_pad // BLOCK_N) + pid_n) * Lq_pad + offs_m
@@ -256,7 +345,7 @@ def _scores_kernel(
     tl.store(l_ptr + stat, tile_sum)
 
 
-@triton.autotune(configs=_PV_CONFIGS, key=["Lq", "Lk", "D", "BH"])
+@autotuning.autotune(_CANDIDATES["pv"], key=["Lq", "Lk", "D", "BH"], prune=_prune("pv", "v_ptr"))
 @triton.jit
 def _pv_kernel(
     p_ptr,       # (B·H, Lq_pad, Lk_pad) contiguous: P̃ from phase 1
@@ -324,7 +413,8 @@ def _pv_kernel(
 # backward
 # ----------------------------------------------------------------------------------------------
 
-@triton.autotune(configs=_GRAD_SCORES_CONFIGS, key=["Lq", "Lk", "D", "BH"])
+@autotuning.autotune(_CANDIDATES["grad_scores"], key=["Lq", "Lk", "D", "BH"],
+                     prune=_prune("grad_scores", "q_ptr"))
 @triton.jit
 def _grad_scores_kernel(
     q_ptr,       # (B, H, Lq, D), strides stride_q*
@@ -399,7 +489,8 @@ def _grad_scores_kernel(
     tl.store(ds_ptr + offs, _round(ds, ds_ptr.dtype.element_ty))
 
 
-@triton.autotune(configs=_MATMUL_CONFIGS, key=["M", "N", "K", "BH", "stride_am", "stride_bn"])
+@autotuning.autotune(_CANDIDATES["matmul"], key=["M", "N", "K", "BH", "stride_am", "stride_bn"],
+                     prune=_prune("matmul", "a_ptr"))
 @triton.jit
 def _matmul_kernel(
     a_ptr,       # (B, H, M, K), strides stride_a*
@@ -460,6 +551,15 @@ def empty_in_layout_of(x: torch.Tensor, dtype: torch.dtype | None = None) -> tor
     return x.new_empty((batch, heads, length, width), dtype=dtype)
 
 
+def _row_tiles(q_len: int, meta: dict) -> int:
+    """Row tiles of a kernel that writes score scratch, for the config that runs: its BLOCK_M
+    must divide the scratch padding, or the last tile's unmasked stores would run past it."""
+    if _ROW_ALIGN % meta["BLOCK_M"]:
+        raise ValueError(f"BLOCK_M={meta['BLOCK_M']} does not divide the scratch row padding "
+                         f"{_ROW_ALIGN}: add the config to the kernel's candidates")
+    return triton.cdiv(q_len, meta["BLOCK_M"])
+
+
 def _scratch_shape(q_len: int, k_len: int) -> tuple[int, int]:
     """(rows, cols) of the padded score scratch: whole tiles for every candidate config."""
     return triton.cdiv(q_len, _ROW_ALIGN) * _ROW_ALIGN, triton.cdiv(k_len, KEY_BLOCK) * KEY_BLOCK
@@ -487,21 +587,21 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     even_m = q_len % _ROW_ALIGN == 0
     even_n = k_len % KEY_BLOCK == 0
 
-    wrap_triton(_scores_kernel)[lambda meta: (n_tiles, triton.cdiv(q_len, meta["BLOCK_M"]), bh)](
+    wrap_triton(_scores_kernel)[lambda meta: (n_tiles, _row_tiles(q_len, meta), bh)](
         q, k, p, tile_max, tile_sum,
         heads, q_len, k_len, width, bh, rows, cols,
         *q.stride(), *k.stride(),
         scale * LOG2E,
         BLOCK_N=KEY_BLOCK, EVEN_M=even_m, EVEN_N=even_n,
-        EVEN_D=_multiple(width, _SCORES_CONFIGS, "BLOCK_D"),
+        EVEN_D=_multiple(width, _CANDIDATES["scores"], "BLOCK_D"),
     )
     wrap_triton(_pv_kernel)[lambda meta: (triton.cdiv(width, meta["BLOCK_D"]),
-                                          triton.cdiv(q_len, meta["BLOCK_M"]), bh)](
+                                          _row_tiles(q_len, meta), bh)](
         p, tile_max, tile_sum, v, out, lse,
         heads, q_len, k_len, width, bh, rows, cols,
         *v.stride(), *out.stride(),
         BLOCK_N=KEY_BLOCK, EVEN_M=even_m, EVEN_N=even_n,
-        EVEN_D=_multiple(width, _PV_CONFIGS, "BLOCK_D"),
+        EVEN_D=_multiple(width, _CANDIDATES["pv"], "BLOCK_D"),
     )
     return out, lse
 
@@ -515,9 +615,9 @@ def _matmul(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor) -> None:
         a, b, c,
         heads, rows, cols, inner, batch * heads,
         *a.stride(), *b.stride(), *c.stride(),
-        EVEN_M=_multiple(rows, _MATMUL_CONFIGS, "BLOCK_M"),
-        EVEN_N=_multiple(cols, _MATMUL_CONFIGS, "BLOCK_N"),
-        EVEN_K=_multiple(inner, _MATMUL_CONFIGS, "BLOCK_K"),
+        EVEN_M=_multiple(rows, _CANDIDATES["matmul"], "BLOCK_M"),
+        EVEN_N=_multiple(cols, _CANDIDATES["matmul"], "BLOCK_N"),
+        EVEN_K=_multiple(inner, _CANDIDATES["matmul"], "BLOCK_K"),
     )
 
 
@@ -538,7 +638,7 @@ def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     ds = torch.empty_like(p)
 
     wrap_triton(_grad_scores_kernel)[lambda meta: (cols // KEY_BLOCK,
-                                                   triton.cdiv(q_len, meta["BLOCK_M"]), bh)](
+                                                   _row_tiles(q_len, meta), bh)](
         q, k, v, out, grad_out, lse, p, ds,
         heads, q_len, k_len, width, bh, rows, cols,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *grad_out.stride(),
@@ -546,7 +646,7 @@ def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
         BLOCK_N=KEY_BLOCK,
         EVEN_M=q_len % _ROW_ALIGN == 0,
         EVEN_N=k_len % KEY_BLOCK == 0,
-        EVEN_D=_multiple(width, _GRAD_SCORES_CONFIGS, "BLOCK_D"),
+        EVEN_D=_multiple(width, _CANDIDATES["grad_scores"], "BLOCK_D"),
     )
     p_t = p[:, :, :q_len, :k_len].transpose(-1, -2)    # (B, H, Lk, Lq) views, read in place
     ds_t = ds[:, :, :q_len, :k_len].transpose(-1, -2)

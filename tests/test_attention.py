@@ -2,8 +2,11 @@
 the Triton op's registration (opcheck, torch.compile, layouts).
 
 Without a GPU the Triton kernels run under TRITON_INTERPRET=1 (tests/conftest.py), so shapes are
-small; the interpreter's tiles are 32 wide, and the named cases below are chosen to cross tile
-edges (35 = 32 + 3), fill tiles exactly (64), or fit inside one (1, 16).
+small. The interpreter's default tiles are 32 query rows × 64 keys (KEY_BLOCK), with d (and the
+backward GEMMs' inner axis) in chunks of 32; the named cases below are chosen to cross tile edges
+(35 = 32 + 3, 150 = 2·64 + 22), fill tiles exactly (64), or fit inside one (1, 16). Every GPU
+config of every kernel is also forced once at small shapes (the autotuner only ever runs its
+pick, so nothing else would run them before a GPU does).
 """
 from __future__ import annotations
 
@@ -33,7 +36,7 @@ CASES = {
     "heads2_batch3": (3, 2, 9, 9, 32, "contiguous", 0.5),
     "whole_tiles_8x8_d64": (2, 1, 64, 64, 64, "unet", None),
     # |scores| up to ~50: row maxima differ widely between key tiles, most weights underflow
-    "peaked_softmax_3_key_tiles": (1, 1, 70, 70, 48, "unet", 2.0),
+    "peaked_softmax_3_key_tiles": (1, 1, 150, 150, 48, "unet", 2.0),
 }
 LAYOUTS = ("unet", "contiguous", "transposed")
 
@@ -175,7 +178,7 @@ def test_scale_none_is_inverse_sqrt_width(backend):
 @pytest.mark.parametrize("backend", fast_backend_params("attention"))
 @settings(max_examples=6, deadline=None, derandomize=True)
 @given(batch=st.integers(1, 2), heads=st.integers(1, 2), q_len=st.integers(1, 48),
-       k_len=st.integers(1, 48), width=st.integers(1, 72), layout=st.sampled_from(LAYOUTS),
+       k_len=st.integers(1, 80), width=st.integers(1, 72), layout=st.sampled_from(LAYOUTS),
        dtype=st.sampled_from([torch.float32, torch.bfloat16]),
        scale=st.one_of(st.none(), st.floats(0.05, 1.0)))
 def test_random_shapes(backend, batch, heads, q_len, k_len, width, layout, dtype, scale):
@@ -301,6 +304,215 @@ def test_opcheck():
 def test_opcheck_aot_dispatch():
     opcheck_forward(OPCHECK_CUDA_UTILS)
     opcheck_backward(OPCHECK_CUDA_UTILS)
+
+
+# ---- the Triton kernels' configs: budgets, and every config run once ------------------------------
+# The autotuner only ever runs its pick, so a GPU config nobody forces would first run on a GPU,
+# at whatever shape picked it. These tests force each one under the interpreter (or on the GPU).
+
+ATTENTION_KERNELS = ("scores", "pv", "grad_scores", "matmul")
+MAX_CANDIDATES = 4  # what autotuning may compile and time per kernel, dtype and shape
+# One program's budgets on an H100/H200: 227 KiB of shared memory per block, and registers per
+# thread: 16-bit operands (tensor cores) hold only the fp32 accumulators, at most 128 (half the
+# 255-register file); fp32 operands (FMA dots) hold the operand tiles beside them, at most 160
+# (the H200 spilled hundreds of registers beyond that; see kernels/attention.py).
+SHARED_MEMORY_BYTES = 227 * 1024
+SR3_SHAPES = {"16x16_d512": (4, 256, 512), "32x32_d1024": (1, 1024, 1024)}
+
+
+def attention_kernels():
+    from sr3fast.kernels import attention as kernels
+    return kernels
+
+
+def autotuned(kernels, name):
+    return {"scores": kernels._scores_kernel, "pv": kernels._pv_kernel,
+            "grad_scores": kernels._grad_scores_kernel, "matmul": kernels._matmul_kernel}[name]
+
+
+def program_tiles(name, blocks, key_block):
+    """(fp32 accumulator tiles, operand tiles loaded per loop step) of one program, read off each
+    kernel's loop; written out here independently of the kernels' own budget code."""
+    rows = blocks["BLOCK_M"]
+    if name == "scores":       # S = Q Kᵀ over d chunks
+        d = blocks["BLOCK_D"]
+        return [(rows, key_block)], [(rows, d), (d, key_block)]
+    if name == "pv":           # O = P̃ V over key tiles
+        d = blocks["BLOCK_D"]
+        return [(rows, d)], [(rows, key_block), (key_block, d)]
+    if name == "grad_scores":  # S and dP over d chunks of Q, dO, O, Kᵀ, Vᵀ
+        d = blocks["BLOCK_D"]
+        return [(rows, key_block)] * 2, [(rows, d)] * 3 + [(d, key_block)] * 2
+    cols, inner = blocks["BLOCK_N"], blocks["BLOCK_K"]
+    return [(rows, cols)], [(rows, inner), (inner, cols)]
+
+
+def within_budgets(name, config, element_size, key_block):
+    accumulators, operands = program_tiles(name, config.kwargs, key_block)
+    accumulator = sum(m * n for m, n in accumulators)
+    operand = sum(m * n for m, n in operands)
+    threads = 32 * config.num_warps
+    shared = config.num_stages * operand * element_size  # one copy per pipeline stage
+    if element_size == 4:
+        registers_fit = (accumulator + operand) / threads <= 160
+    else:
+        registers_fit = accumulator / threads <= 128
+    return registers_fit and shared <= SHARED_MEMORY_BYTES
+
+
+def launch_arguments(kernel, dtype, batch, length, width):
+    """Named arguments as the launchers pass them at an SR3 shape (meta tensors: nothing runs)."""
+    fp32_scratch = ("m_ptr", "l_ptr", "lse_ptr")  # softmax statistics: fp32 whatever the inputs
+    sizes = {"H": 1, "BH": batch, "Lq": length, "Lk": length, "D": width, "M": length,
+             "N": width, "K": length, "Lq_pad": length, "Lk_pad": length}
+    args = {}
+    for arg in kernel.arg_names:
+        if arg.endswith("_ptr"):
+            args[arg] = torch.empty(0, device="meta",
+                                    dtype=torch.float32 if arg in fp32_scratch else dtype)
+        else:
+            args[arg] = sizes.get(arg, 1)
+    return args
+
+
+@needs_triton
+@pytest.mark.parametrize("shape", list(SR3_SHAPES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16],
+                         ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("name", ATTENTION_KERNELS)
+def test_gpu_candidates_fit_budgets(name, dtype, shape, monkeypatch):
+    """On a GPU, each kernel's early pruning (as wired into its autotuner, reading the element
+    size of the right argument) keeps, in list order, the first MAX_CANDIDATES GPU configs
+    within the register and shared-memory budgets: at least one at each SR3 shape and dtype."""
+    kernels = attention_kernels()
+    kernel = autotuned(kernels, name)
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)  # prune as on a GPU, unpinned
+    monkeypatch.delenv("SR3FAST_TRITON_AUTOTUNE", raising=False)
+    element_size = torch.finfo(dtype).bits // 8
+    kept = kernel.early_config_prune(kernel.configs, launch_arguments(kernel, dtype,
+                                                                      *SR3_SHAPES[shape]))
+    print(name, dtype, [str(config) for config in kept])
+    fitting = [config for config in kernels.GPU_CONFIGS[name]
+               if within_budgets(name, config, element_size, kernels.KEY_BLOCK)]
+    assert 1 <= len(kept) <= MAX_CANDIDATES
+    assert kept == fitting[:MAX_CANDIDATES]
+
+
+@needs_triton
+def test_every_gpu_config_runs_in_some_dtype():
+    """A listed config that the budgets and the candidate cap exclude in every dtype never runs."""
+    kernels = attention_kernels()
+    for name in ATTENTION_KERNELS:
+        reachable = [config for size in (2, 4) for config in
+                     kernels.candidates(name, kernels._CANDIDATES[name], size, interpreter=False)]
+        dead = [str(config) for config in kernels.GPU_CONFIGS[name] if config not in reachable]
+        assert not dead, f"{name}: configs that never run: {dead}"
+
+
+def triton_config(**blocks):
+    import triton
+    return triton.Config(blocks, num_warps=4, num_stages=1)
+
+
+@needs_triton
+def test_scratch_padding_covers_every_row_block():
+    """Score scratch is padded to whole row tiles of every config that can run; a forced config
+    with a larger row block is refused before it launches, instead of writing past the scratch."""
+    from sr3fast.kernels.autotuning import forced
+    kernels = attention_kernels()
+    for name in ("scores", "pv", "grad_scores"):
+        for config in kernels._CANDIDATES[name]:
+            assert kernels._ROW_ALIGN % config.kwargs["BLOCK_M"] == 0, (name, str(config))
+    too_tall = triton_config(BLOCK_M=2 * kernels._ROW_ALIGN, BLOCK_D=32)
+    q, k, v = make_qkv(1, 1, 40, 40, 32, "contiguous", torch.bfloat16)
+    with forced(kernels._scores_kernel, too_tall), pytest.raises(ValueError, match="BLOCK_M"):
+        kernels.attention_forward(q, k, v, 0.2)
+
+
+@needs_triton
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="the interpreter's default configs")
+def test_interpreter_runs_its_small_configs():
+    """Under the interpreter an unforced call runs each kernel's small interpreter config (the
+    GPU configs stay in the candidate lists, for tests that force them)."""
+    from sr3fast.ops.triton.attention import attention
+    kernels = attention_kernels()
+    q, k, v = make_qkv(1, 1, 35, 35, 48, "unet", requires_grad=True)
+    out = attention(q, k, v)
+    torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+    for name in ATTENTION_KERNELS:
+        assert autotuned(kernels, name).best_config is kernels._INTERPRETER_CONFIGS[name], name
+
+
+# name: (batch, heads, q_len, k_len, width, layout), as small as the interpreter's time asks.
+# "even": every length a multiple of every block of every config (no masks anywhere, as at SR3's
+# shapes); "ragged": partial last tiles on every axis (2 row tiles of 128, 3 key tiles), Lq != Lk.
+FORCED_SHAPES = {
+    "even": (1, 1, 128, 128, 256, "unet"),
+    "ragged": (1, 1, 150, 130, 200, "transposed"),
+}
+
+
+@needs_triton
+@pytest.mark.parametrize("shape", list(FORCED_SHAPES))
+@pytest.mark.parametrize("run", range(MAX_CANDIDATES))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_every_gpu_config_forced(dtype, run, shape):
+    """Run `run` forces config number `run` (cyclically) of each kernel's GPU candidates for this
+    dtype, so MAX_CANDIDATES runs run every config that can run in it; forward and backward
+    against the reference with the usual derived tolerances."""
+    from contextlib import ExitStack
+
+    from sr3fast.kernels.autotuning import forced
+    from sr3fast.ops.triton.attention import attention
+    kernels = attention_kernels()
+    batch, heads, q_len, k_len, width, layout = FORCED_SHAPES[shape]
+    element_size = torch.finfo(dtype).bits // 8
+    chosen = {}
+    for name in ATTENTION_KERNELS:
+        configs = kernels.candidates(name, kernels._CANDIDATES[name], element_size,
+                                     interpreter=False)
+        assert len(configs) <= MAX_CANDIDATES  # so `run` in range(MAX_CANDIDATES) reaches all
+        chosen[name] = configs[run % len(configs)]
+    label = f"{shape} " + " ".join(f"{name}[{config}]" for name, config in chosen.items())
+    q, k, v = make_qkv(batch, heads, q_len, k_len, width, layout, dtype, requires_grad=True)
+    with ExitStack() as stack:
+        for name, config in chosen.items():
+            stack.enter_context(forced(autotuned(kernels, name), config))
+        check_against_reference(attention, q, k, v, None, label)
+        for name, config in chosen.items():  # the forced configs are what ran
+            assert autotuned(kernels, name).best_config is config, name
+
+
+# name: (q_len, k_len, width, layout); widths and lengths relative to the largest blocks of all
+# candidate configs (even) or not (ragged), so each case takes the masked or unmasked loads.
+MULTI_TILE = {
+    "even_L_even_d": (128, 256, 256, "transposed"),
+    "even_L_ragged_d": (128, 192, 72, "transposed"),
+    "ragged_L_even_d": (100, 130, 256, "transposed"),
+    "ragged_L_ragged_d": (100, 150, 72, "transposed"),
+}
+
+
+@needs_triton
+@pytest.mark.parametrize("case", list(MULTI_TILE))
+def test_multi_tile_fp32(case):
+    """fp32 with the configs that run by default: several row tiles, several key tiles (so the
+    per-tile softmax statistics are merged) and several d chunks, against the reference within
+    the fp32 rounding floor (check_against_reference)."""
+    from sr3fast.ops.triton.attention import attention
+    kernels = attention_kernels()
+    q_len, k_len, width, layout = MULTI_TILE[case]
+    even_l, even_d = case.startswith("even_L"), "even_d" in case
+    assert even_l == (q_len % kernels._ROW_ALIGN == 0 and k_len % kernels.KEY_BLOCK == 0)
+    assert even_d == all(kernels._multiple(width, kernels._CANDIDATES[name], "BLOCK_D")
+                         for name in ("scores", "pv", "grad_scores"))
+    q, k, v = make_qkv(1, 1, q_len, k_len, width, layout, requires_grad=True)
+    check_against_reference(attention, q, k, v, None, case)
+    scores, grad_scores = kernels._scores_kernel.best_config, kernels._grad_scores_kernel.best_config
+    for config in (scores, grad_scores):  # what ran really was several tiles on each axis
+        assert math.ceil(q_len / config.kwargs["BLOCK_M"]) >= 2, str(config)
+        assert math.ceil(width / config.kwargs["BLOCK_D"]) >= 2, str(config)
+    assert math.ceil(k_len / kernels.KEY_BLOCK) >= 3
 
 
 # ---- independent checks of the oracle -------------------------------------------------------------
