@@ -154,15 +154,18 @@ setup(
     # kernels/ (Triton) lives at the top level of the repository and installs as sr3fast.kernels.
     packages=find_packages(include=["sr3fast", "sr3fast.*"]) + ["sr3fast.kernels"],
     package_dir={"sr3fast.kernels": "kernels"},
+    # Lower bounds are the oldest releases tested: torch 2.11.0 + triton 3.6.0 (the GPU machine's;
+    # CPU test suite passes, CUDA extension compiles with nvcc 13) and torch 2.14.1 + triton 3.8.0.
+    # Older releases are untested. Version differences: kernels/compat.py (feature detection).
     install_requires=[
-        "torch>=2.5",
+        "torch>=2.11",
         "numpy",
         "safetensors>=0.4",
         "pillow>=9",
         "tqdm>=4.60",
     ],
     extras_require={
-        "triton": ["triton>=3.0"],
+        "triton": ["triton>=3.6"],
         "test": [
             "pytest>=7",
             "hypothesis>=6",

@@ -70,9 +70,9 @@ import torch
 import triton
 import triton.language as tl
 from torch._subclasses.fake_tensor import FakeTensor
-from torch.library import wrap_triton
 
 from . import autotuning
+from .compat import wrap_triton
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 LOG2E = 1.4426950408889634

@@ -60,9 +60,9 @@ import math
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
 
 from . import autotuning
+from .compat import wrap_triton
 
 
 # ---------------------------------------------------------------------------------------------

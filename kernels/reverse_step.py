@@ -50,7 +50,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
-from torch.library import wrap_triton
+
+from .compat import wrap_triton
 
 # Elements per program. With 4 warps each thread owns 32 consecutive elements: four 16-byte
 # accesses per tensor in bf16, eight in fp32, and 8 Philox evaluations; enough bytes in flight
