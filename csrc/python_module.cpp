@@ -80,7 +80,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def(
       "package_metadata",
       [](const std::string& path, const c10::Device& device) {
-        const py::gil_scoped_release no_gil;  // the first call loads the package
+        // The first call loads the package, with the GIL held, as torch's own loader binding
+        // does (torch._C._aoti) and as sample() does: loading runs the package library's
+        // initialisers and creates the runner, nothing of which is promised to be free of Python
+        // (the GPU session's segfault was inside this call while it ran without the GIL).
         return sr3fast::aoti_package(path, device).get_metadata();
       },
       py::arg("path"), py::arg("device"),

@@ -356,6 +356,21 @@ def test_package_misuse_says_what_to_do(tiny, package, tmp_path):
         PackageInfo.from_metadata({"AOTI_DEVICE_KEY": "cpu"}, "other.pt2")
 
 
+@needs_extension
+def test_cpp_loader_refuses_a_package_compiled_for_another_device(package):
+    """The C++ loader runs a package on the device it was compiled for (its AOTI_DEVICE_KEY),
+    whatever device the inputs are on: a CPU package fed CUDA tensors would read device memory as
+    host memory, a crash. It checks the two before any run and says what to export. (meta stands
+    for "a device the package was not compiled for" on any machine.)"""
+    import sr3fast._C as extension
+
+    path = str(package[1])
+    with pytest.raises(RuntimeError, match=rf"compiled for {DEVICE.type}, the inputs are on meta.*"
+                                            r"--device meta"):
+        extension.package_metadata(path, torch.device("meta"))
+    assert extension.package_metadata(path, DEVICE)["AOTI_DEVICE_KEY"] == DEVICE.type
+
+
 def test_export_refuses_sizes_the_unet_cannot_take(tiny, tmp_path):
     from sr3fast.export import export
 

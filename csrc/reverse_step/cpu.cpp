@@ -73,6 +73,7 @@ at::Tensor reverse_step_cpu(const at::Tensor& y_t, const at::Tensor& eps, const 
   const Problem p = make_problem(y_t, eps, coefs, noise, clip);
   at::Tensor z = p.noise;
   if (!z.defined()) {
+    check_generator(generator, y_t);
     // Drawn in logical (contiguous) order like the reference's torch.randn, then laid out as y_t.
     z = in_layout_of(at::randn(y_t.sizes(), generator, y_t.options().dtype(at::kFloat)),
                      p.layout, p.y_t);

@@ -137,10 +137,12 @@ at::Tensor reverse_step_cuda(const at::Tensor& y_t, const at::Tensor& eps, const
   }
   at::PhiloxCudaState philox;
   if (!p.noise.defined()) {
+    // torch.Generator("cuda") has no device index: it draws for the current device, which the
+    // guard above made y_t's (as PyTorch's own CUDA random ops take it). Comparing the devices
+    // whole refused it ("the generator is on cuda but y_t on cuda:0").
+    check_generator(generator, y_t);
     auto* gen = at::get_generator_or_default<at::CUDAGeneratorImpl>(
-        generator, at::cuda::detail::getDefaultCUDAGenerator());
-    TORCH_CHECK(gen->device() == y_t.device(), "sr3fast::reverse_step: the generator is on ",
-                gen->device(), " but y_t on ", y_t.device());
+        generator, at::cuda::detail::getDefaultCUDAGenerator(y_t.device().index()));
     // See Note [Acquire lock when using random generators]
     const std::lock_guard<std::mutex> lock(gen->mutex_);
     philox = gen->philox_cuda_state(kPhiloxIncrement);

@@ -54,4 +54,18 @@ Problem make_problem(const at::Tensor& y_t, const at::Tensor& eps, const at::Ten
   return p;
 }
 
+bool generator_fits(const c10::Device& generator, const c10::Device& tensor) {
+  return generator.type() == tensor.type() &&
+         (!generator.has_index() || !tensor.has_index() || generator.index() == tensor.index());
+}
+
+void check_generator(const std::optional<at::Generator>& generator, const at::Tensor& y_t) {
+  if (!generator.has_value() || !generator->defined()) {
+    return;
+  }
+  TORCH_CHECK(generator_fits(generator->device(), y_t.device()), kOp, ": the generator is on ",
+              generator->device(), " but y_t on ", y_t.device(),
+              "; pass a generator of y_t's device, torch.Generator(y_t.device)");
+}
+
 }  // namespace sr3fast::reverse_step

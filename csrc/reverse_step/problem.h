@@ -3,6 +3,7 @@
 
 #include <optional>
 
+#include <ATen/core/Generator.h>
 #include <ATen/core/Tensor.h>
 
 #include "common/layout.h"
@@ -25,5 +26,14 @@ struct Problem {
 
 Problem make_problem(const at::Tensor& y_t, const at::Tensor& eps, const at::Tensor& coefs,
                      const std::optional<at::Tensor>& noise, std::optional<double> clip);
+
+// Whether a generator on `generator` can draw the noise of a tensor on `tensor`: the same device
+// type, and the same index where the generator names one. A generator without an index
+// (torch.Generator("cuda") has index -1) stands for the current device, as in PyTorch's own
+// random ops; the CUDA entry makes y_t's device the current one before drawing.
+bool generator_fits(const c10::Device& generator, const c10::Device& tensor);
+
+// Raises, saying what to do, unless `generator` (when given and defined) fits y_t's device.
+void check_generator(const std::optional<at::Generator>& generator, const at::Tensor& y_t);
 
 }  // namespace sr3fast::reverse_step

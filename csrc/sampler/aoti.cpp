@@ -19,10 +19,28 @@ AOTIModelPackageLoader& aoti_package(const std::string& path, const c10::Device&
   static std::map<std::pair<std::string, std::string>, std::unique_ptr<AOTIModelPackageLoader>>
       loaders;
   const std::lock_guard<std::mutex> lock(mutex);
-  auto& loader = loaders[{path, device.str()}];
+  const c10::DeviceGuard guard(device);
+  // The runner is made for the device named here, "cuda:N", not for whichever is current when a
+  // bare "cuda" is resolved (inside the package's runtime): its constants and kernels then live
+  // on the inputs' device. CPU runners take no index.
+  const c10::DeviceIndex index =
+      device.is_cpu() ? -1 : (device.has_index() ? device.index() : guard.current_device().index());
+  const c10::Device runner_device(device.type(), index);
+  auto& loader = loaders[{path, runner_device.str()}];
   if (!loader) {
-    const c10::DeviceGuard guard(device);  // a CUDA package loads onto the current device
-    loader = std::make_unique<AOTIModelPackageLoader>(path);
+    auto loaded = std::make_unique<AOTIModelPackageLoader>(
+        path, "model", /*run_single_threaded=*/false, /*num_runners=*/1, index);
+    // The runner follows the package's own device (AOTI_DEVICE_KEY), whatever was asked: a CPU
+    // package would read CUDA inputs as host memory (a crash, not an error), a CUDA one CPU
+    // inputs as device memory. Refuse before the first run, and cache nothing.
+    const auto metadata = loaded->get_metadata();
+    const auto key = metadata.find("AOTI_DEVICE_KEY");
+    const std::string compiled_for = key == metadata.end() ? "an unknown device" : key->second;
+    TORCH_CHECK(compiled_for == c10::DeviceTypeName(device.type(), /*lower_case=*/true),
+                "sr3fast: the package ", path, " was compiled for ", compiled_for,
+                ", the inputs are on ", device, "; export one for ", device.type(),
+                " (sr3fast export ... --device ", c10::DeviceTypeName(device.type(), true), ")");
+    loader = std::move(loaded);
   }
   return *loader;
 }
