@@ -50,6 +50,12 @@ def _tests(name, budget, what, gpu_selection, smoke_selection, workers=0) -> Sta
                  tests=True)
 
 
+# Tests that killed their pytest process on the H200 (2026-11-30); see bench/results.
+CRASHED_BEFORE = (  # each: ids run in one process, the tests that ran before the crash first
+    "tests/test_extension.py::test_groupnorm_silu_cuda_graph_replay_matches_eager,"
+    "tests/test_extension.py::test_groupnorm_silu_errors_say_what_is_wrong",
+    "tests/test_loops.py::test_cpp_loop_with_a_package_reproduces_the_python_loop",
+)
 MODEL = ("--model-only", "--no-ceilings", "--config", "public-16-128")
 
 
@@ -117,6 +123,12 @@ STAGES = (
           _bench(*MODEL, "--batch", "1", "--repeats", "3", "--impl", "loop-python,loop-cpp,loop-graph",
                  "--loop-steps", "100"),
           _smoke_model("loop-python,loop-cpp,loop-graph", "--loop-steps", "3"), env=PINNED),
+    # On time left over, first: native backtraces of the tests that segfaulted in an earlier
+    # session (their Python frames alone did not explain them).
+    Stage("crash-backtraces", 0, "tests", "on time left over: native backtraces of earlier segfaults",
+          ("{python}", "-m", "bench.gpu.backtrace", *CRASHED_BEFORE),
+          ("{python}", "-m", "bench.gpu.backtrace", "tests/test_io.py::test_atomic_path_replaces_only_on_success"),
+          env=PINNED),
     # On time left over: compiled rows, one stage each so a slow compile loses one row, not the
     # others. Inductor's default mode: max-autotune's GEMM and convolution searches would take the
     # whole session. fused-compiled-graph compiles the graph of fused-compiled again (cached).
