@@ -485,9 +485,18 @@ def _backward_group_kernel(
         sum_dzx = tl.sum(dz * xhat, axis=1)
         sum_xhat = tl.sum(xhat, axis=1)
     else:
-        sum_dz = tl.zeros([BLOCK_C], tl.float32)
-        sum_dzx = tl.zeros([BLOCK_C], tl.float32)
-        sum_xhat = tl.zeros([BLOCK_C], tl.float32)
+        # The sums start from a zero computed at run time, not a constant. Triton's thread-locality
+        # pass rewrites a loop accumulator that starts from a constant and adds the reduction of
+        # a loaded tile (dz is dy itself when act=False and dy is fp32); Triton 3.6 and 3.8 then
+        # assert that the loop's result has a single use (OptimizeThreadLocality.cpp,
+        # `loopResult.hasOneUse()`), and Σ dz has two or three (the dx terms, dshift, totals):
+        # that loop path failed to compile. c_mask depends on the program id, so this zero is
+        # never folded into a constant; the pass leaves the loop alone, and the code is otherwise
+        # what zeros give (same registers at every config; kernels/compile_check.py checks it).
+        zero = c_mask.to(tl.float32) * 0.0
+        sum_dz = zero
+        sum_dzx = zero
+        sum_xhat = zero
         for s0 in range(0, S, BLOCK_S):
             mask = _tile_mask(c_mask, s0 + s, S, BLOCK_C, BLOCK_S, FULL_C, FULL_S)
             offs = sample + _offsets(c, s0 + s, C, S, CHANNELS_LAST)
