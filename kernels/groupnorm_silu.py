@@ -808,15 +808,21 @@ def backward_outputs(x, weight, bias, shift, shift_grad: bool, affine_grad: bool
             torch.empty_like(shift) if shift_grad and shift is not None else None)
 
 
-def _optional_inputs(shift, weight, bias):
-    """shift, weight, bias as the kernels read them (contiguous, or None when absent) and the
-    HAS_ flags. Every use of an optional pointer sits behind its constexpr flag, so a None
-    (which torch.compile may type as *i8) is never dereferenced."""
-    return (shift.contiguous() if shift is not None else None,
-            weight.contiguous() if weight is not None else None,
-            bias.contiguous() if bias is not None else None,
+def _optional_inputs(shift, weight, bias, placeholder: torch.Tensor):
+    """shift, weight, bias as the kernels read them (contiguous; `placeholder` when absent) and
+    the HAS_ flags. Every use of an optional pointer sits behind its constexpr flag, so the
+    placeholder is never read. Kernels are never passed None: torch.export and AOTInductor have
+    had repeated bugs with None arguments to user Triton kernels (pytorch#115344, #138546)."""
+    return (shift.contiguous() if shift is not None else placeholder,
+            weight.contiguous() if weight is not None else placeholder,
+            bias.contiguous() if bias is not None else placeholder,
             dict(HAS_SHIFT=shift is not None, HAS_WEIGHT=weight is not None,
                  HAS_BIAS=bias is not None))
+
+
+def _unused_output(like: torch.Tensor) -> torch.Tensor:
+    """An empty stand-in for an output pointer the kernel's flags say it never writes."""
+    return like.new_empty(0, dtype=torch.float32)
 
 
 def forward(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None,
@@ -830,7 +836,7 @@ def forward(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None,
         return y, mean.fill_(float("nan")), rstd.fill_(float("nan"))
     p = plan(batch, channels, spatial, num_groups, channels_last, _multiprocessors(x.device),
              tuning=tuning)
-    shift_t, weight_t, bias_t, has = _optional_inputs(shift, weight, bias)
+    shift_t, weight_t, bias_t, has = _optional_inputs(shift, weight, bias, placeholder=mean)
     geometry = dict(GPP=p.groups_per_block, BLOCK_C=p.block_c, BLOCK_G=p.block_g,
                     FULL_C=p.full_c, CHANNELS_LAST=channels_last)
     cpg = channels // num_groups
@@ -888,18 +894,19 @@ def backward(dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rstd: torch.
         return dx, dweight, dbias, dshift
     p = plan(batch, channels, spatial, num_groups, channels_last, _multiprocessors(x.device),
              backward=True, tuning=tuning)
-    shift_t, weight_t, bias_t, has = _optional_inputs(shift, weight, bias)
+    shift_t, weight_t, bias_t, has = _optional_inputs(shift, weight, bias, placeholder=mean)
     geometry = dict(GPP=p.groups_per_block, BLOCK_C=p.block_c, BLOCK_G=p.block_g,
                     FULL_C=p.full_c, CHANNELS_LAST=channels_last)
     cpg = channels // num_groups
     cpb = cpg * p.groups_per_block
     # per-(sample, channel) Σ_s dz, Σ_s dz·x̂: the input of the dweight/dbias reduction
     totals = (torch.empty(batch, 2, channels, device=x.device, dtype=torch.float32)
-              if affine_grad or p.strategy == "split" else None)
+              if affine_grad or p.strategy == "split" else _unused_output(x))
+    dshift_t = dshift if dshift is not None else _unused_output(x)
 
     if p.strategy != "split":
         wrap_triton(_backward_group_kernel)[(p.num_blocks, batch)](
-            x, dy, shift_t, weight_t, bias_t, mean, rstd, dx, dshift, totals,
+            x, dy, shift_t, weight_t, bias_t, mean, rstd, dx, dshift_t, totals,
             channels, spatial, num_groups, cpg, cpb,
             BLOCK_S=p.block_s, ONE_TILE=p.strategy == "tile", FULL_S=p.full_s, ACT=act,
             SHIFT_GRAD=shift_grad, AFFINE_GRAD=affine_grad, **geometry, **has)
@@ -913,7 +920,7 @@ def backward(dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rstd: torch.
         terms = torch.empty(2, batch, channels, device=x.device, dtype=torch.float32)
         group_c = triton.next_power_of_2(cpg)
         wrap_triton(_backward_group_terms_kernel)[(num_groups, batch)](
-            sums, weight_t, rstd, terms, totals, dshift,
+            sums, weight_t, rstd, terms, totals, dshift_t,
             batch, channels, num_groups, cpg, spatial, p.num_splits, BLOCK_C=group_c,
             BLOCK_P=max(1, min(triton.next_power_of_2(p.num_splits), 4096 // group_c)),
             HAS_WEIGHT=has["HAS_WEIGHT"], SHIFT_GRAD=shift_grad)
@@ -927,7 +934,8 @@ def backward(dy: torch.Tensor, x: torch.Tensor, mean: torch.Tensor, rstd: torch.
     if affine_grad:
         block_c = min(128, triton.next_power_of_2(channels))
         wrap_triton(_affine_grad_kernel)[(triton.cdiv(channels, block_c),)](
-            totals, dweight, dbias, batch, channels,
+            totals, dweight if weight_grad else _unused_output(x),
+            dbias if bias_grad else _unused_output(x), batch, channels,
             BLOCK_B=min(32, triton.next_power_of_2(batch)), BLOCK_C=block_c,
             WEIGHT_GRAD=weight_grad, BIAS_GRAD=bias_grad)
     return dx, dweight, dbias, dshift

@@ -487,10 +487,10 @@ def test_export_keeps_the_triton_groupnorm_with_absent_inputs():
 @pytest.mark.skipif(backends.unavailable_reason("triton", "cuda") is not None,
                     reason=f"triton backend: {backends.unavailable_reason('triton', 'cuda')}")
 def test_aoti_package_of_the_triton_groupnorm_with_absent_inputs(tmp_path):
-    """The same module through AOTInductor (sr3fast.export.export_denoiser): the Triton kernels get
-    None for shift/weight/bias pointers, behind their HAS_* constexpr flags. Inductor must lower
-    those calls (a None becomes a constexpr argument, not a pointer) in the package's C++
-    launcher; the package must run and agree with eager. Elementwise float32 work around the
+    """The same module through AOTInductor (sr3fast.export.export_denoiser): the op's absent
+    shift/weight/bias reach the Triton kernels as placeholder tensors behind their HAS_* constexpr
+    flags (kernels/groupnorm_silu.py never passes a kernel None). Inductor lowers those calls into
+    the package's C++ launcher; the package must run and agree with eager. Elementwise float32 work around the
     kernels (the Linear, x + y_t) may be fused or reordered by inductor, so the tolerance is
     float32 summation order over the widest reduction (a group: C/G * H * W), 8x over."""
     from sr3fast.export import export_denoiser
