@@ -388,24 +388,9 @@ AUTOTUNED = {
     "_forward_normalize_kernel": (False, ("split",), gn_kernels._keep_stream_tiles),
     "_backward_input_grad_kernel": (True, ("split",), gn_kernels._keep_stream_tiles),
 }
-# SR3's U-Nets (DESIGN.md, Table A.1): base channels, depth multipliers, output resolution
-SR3_UNETS = [(128, (1, 2, 4, 8, 8), 128), (128, (1, 2, 4, 4, 8, 8), 256),
-             (64, (1, 2, 4, 8, 8, 16, 16), 512), (16, (1, 2, 4, 8, 16, 32, 32, 32), 1024)]
-
-
-def sr3_groupnorm_problems():
-    """(batch, channels, spatial, groups) of SR3's GroupNorms: at each level ch·m channels at
-    (res/2^level)², and the decoder's concatenations with a skip of the same or a neighbouring
-    level; 32 or 16 groups; batch 1 (inference) to 64 (training)."""
-    sizes = set()
-    for ch, mults, res in SR3_UNETS:
-        for level, m in enumerate(mults):
-            concat = {ch * (m + mults[j]) for j in (level - 1, level, level + 1)
-                      if 0 <= j < len(mults)}
-            for chans in {ch * m} | concat:
-                sizes.update((chans, (res >> level) ** 2, groups) for groups in (32, 16)
-                             if chans % groups == 0)
-    return [(batch, *size) for size in sorted(sizes) for batch in (1, 2, 4, 8, 16, 32, 64)]
+# SR3's GroupNorm problems (Table A.1 U-Nets, skip concatenations, 32 or 16 groups, batch 1-64):
+# the list the compile check sweeps too.
+from sr3fast.kernels.compile_check import sr3_groupnorm_problems  # noqa: E402
 
 
 def launch_sizes(p: gn_kernels.Plan, spatial: int) -> dict:
