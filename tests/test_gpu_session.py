@@ -40,31 +40,39 @@ def test_dry_run_lists_every_stage_within_the_session_budget():
 
 def test_a_hanging_stage_is_stopped_and_the_next_still_runs(tmp_path, monkeypatch):
     """A stage past its timeout is killed with its whole process group (the child that would
-    outlive a plain kill included), and the stages after it run and are reported."""
-    marker = tmp_path / "orphan-survived"
-    hang = plan.Stage("hang", 3, "tests", "sleeps", gpu=(), tests=True, smoke=(
-        "{python}", "-c", f"import subprocess, time; subprocess.Popen(['{sys.executable}', '-c', "
-        f"\"import time; time.sleep(4); open(r'{marker}', 'w')\"]); time.sleep(60)"))
-    after = plan.Stage("after", 5, "bench", "runs", gpu=(), smoke=("{python}", "-c", "print('after ran')"))
+    outlive a plain kill included), and the stages after it run and are reported. Timings leave
+    room for a loaded CI machine: the child has seconds to start before the stage is stopped."""
+    started_marker, survived_marker = tmp_path / "child-started", tmp_path / "child-survived"
+    child = (f"import time; open(r'{started_marker}', 'w').close(); time.sleep(8); "
+             f"open(r'{survived_marker}', 'w').close()")
+    hang = plan.Stage("hang", 14, "tests", "sleeps", gpu=(), tests=True, smoke=(
+        "{python}", "-c", f"import subprocess, time; subprocess.Popen([{sys.executable!r}, '-c', {child!r}]); "
+        "time.sleep(120)"))
+    after = plan.Stage("after", 10, "bench", "runs", gpu=(), smoke=("{python}", "-c", "print('after ran')"))
     monkeypatch.setattr(session, "STAGES", (hang, after))
-    monkeypatch.setattr(session, "check_budget", lambda: 8)
-    started = time.monotonic()
-    code = session.main(["--cpu-smoke", "--out", str(tmp_path), "--total", "8"])
-    assert time.monotonic() - started < 30
+    monkeypatch.setattr(session, "check_budget", lambda: 60)
+    began = time.monotonic()
+    code = session.main(["--cpu-smoke", "--out", str(tmp_path), "--total", "60"])
+    assert time.monotonic() - began < 60
     assert code == 1
     document = json.loads(next(tmp_path.glob("gpu-*.json")).read_text())
     assert [(s["name"], s["status"]) for s in document["stages"]] == [("hang", "timeout"), ("after", "passed")]
     assert "after ran" in (tmp_path / "gpu-bench.log").read_text()
-    time.sleep(5)
-    assert not marker.exists(), "a process of the timed-out stage outlived it"
+    assert started_marker.exists(), "the stage's child never started: the check below would prove nothing"
+    time.sleep(10)
+    assert not survived_marker.exists(), "a process of the timed-out stage outlived it"
 
 
 def test_a_stage_with_no_time_left_is_reported_not_started(tmp_path, monkeypatch):
-    quick = plan.Stage("quick", 4, "build", "", gpu=(), smoke=("{python}", "-c", "import time; time.sleep(2)"))
+    """Under 55 s left, no stage starts (MIN_STAGE_S raised for the test, so a loaded machine's
+    slow interpreter start cannot change the outcome): the first stage (60 s) runs and uses 6 s,
+    the second is reported as not started."""
+    quick = plan.Stage("quick", 60, "build", "", gpu=(), smoke=("{python}", "-c", "import time; time.sleep(6)"))
     late = plan.Stage("late", 0, "build", "", gpu=(), smoke=("{python}", "-c", "pass"))
     monkeypatch.setattr(session, "STAGES", (quick, late))
-    monkeypatch.setattr(session, "check_budget", lambda: 4)
-    assert session.main(["--cpu-smoke", "--out", str(tmp_path), "--total", "4"]) == 1
+    monkeypatch.setattr(session, "check_budget", lambda: 60)
+    monkeypatch.setattr(session, "MIN_STAGE_S", 55)
+    assert session.main(["--cpu-smoke", "--out", str(tmp_path), "--total", "60"]) == 1
     document = json.loads(next(tmp_path.glob("gpu-*.json")).read_text())
     assert [(s["name"], s["status"]) for s in document["stages"]] == [("quick", "passed"), ("late", "no time")]
 
