@@ -94,7 +94,7 @@ def run_stage(stage: Stage, argv: list[str], env: dict, timeout_s: float, log) -
     log.write(f"\n===== {stage.name}: {' '.join(argv)}\n")
     log.flush()
     process = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                               start_new_session=True)
+                               start_new_session=True, preexec_fn=_default_interrupt)
     # pytest interrupted (SIGINT) still reports what ran and writes its junit XML: give it the
     # last seconds of the stage for that.
     grace = INTERRUPT_GRACE_S if stage.tests else 0
@@ -105,6 +105,13 @@ def run_stage(stage: Stage, argv: list[str], env: dict, timeout_s: float, log) -
         log.write(f"\n===== {stage.name}: stopped at its {timeout_s:.0f} s timeout\n")
         return "timeout", None
     return ("passed" if code == 0 else "failed"), code
+
+
+def _default_interrupt() -> None:
+    """In the stage's process, before exec: SIGINT back to its default action. A shell starts
+    background commands with SIGINT ignored, which Python then keeps ignoring (no
+    KeyboardInterrupt), so an interrupted pytest would neither stop nor write its report."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def _stop(process: subprocess.Popen, interrupt_first: bool) -> None:
