@@ -68,7 +68,7 @@ def dry_run() -> int:
     return 0
 
 
-def command(stage: Stage, smoke: bool, out: Path, work: Path) -> list[str]:
+def command(stage: Stage, smoke: bool, work: Path) -> list[str]:
     argv = [part.format(python=sys.executable, out=work, stage=stage.name)
             for part in (stage.smoke if smoke else stage.gpu)]
     if "-n" in argv and importlib.util.find_spec("xdist") is None:  # pytest-xdist absent: serial
@@ -218,7 +218,7 @@ def main(argv=None) -> int:
                   flush=True)
             stages.append(record)
             continue
-        argv = command(stage, args.cpu_smoke, args.out, work)
+        argv = command(stage, args.cpu_smoke, work)
         print(f"[{time.monotonic() - started:4.0f}s] {stage.name} (timeout {timeout_s:.0f} s): {stage.what}",
               flush=True)
         began = time.monotonic()
