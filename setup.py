@@ -154,6 +154,8 @@ setup(
     # kernels/ (Triton) lives at the top level of the repository and installs as sr3fast.kernels.
     packages=find_packages(include=["sr3fast", "sr3fast.*"]) + ["sr3fast.kernels"],
     package_dir={"sr3fast.kernels": "kernels"},
+    # the default model (sr3fast.load("default")): weights and their SHA-256
+    package_data={"sr3fast": ["weights/*.safetensors", "weights/*.sha256"]},
     # Lower bounds are the oldest releases tested: torch 2.11.0 + triton 3.6.0 (the GPU machine's;
     # CPU test suite passes, CUDA extension compiles with nvcc 13) and torch 2.14.1 + triton 3.8.0.
     # Older releases are untested. Version differences: kernels/compat.py (feature detection).

@@ -108,6 +108,18 @@ def test_atomic_files_get_the_usual_permissions(tmp_path):
     assert (tmp_path / "f.bin").stat().st_mode & 0o777 == 0o644
 
 
+def test_checkpoints_get_the_usual_permissions(tmp_path):
+    # safetensors' save_file replaces the temporary file with its own, created 0600
+    from sr3fast.checkpoint import save_checkpoint
+
+    previous = os.umask(0o022)
+    try:
+        save_checkpoint(tmp_path / "m.safetensors", {"w": torch.zeros(2)}, {"unet": {}})
+    finally:
+        os.umask(previous)
+    assert (tmp_path / "m.safetensors").stat().st_mode & 0o777 == 0o644
+
+
 def test_writing_into_a_missing_folder_fails_and_writes_nothing(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         save_image_atomic(Image.new("RGB", (2, 2)), tmp_path / "missing" / "out.png")
