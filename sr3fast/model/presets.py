@@ -6,6 +6,9 @@ paper-*   Table A.1 of Saharia et al. 2021 (channels, depth multipliers, residua
           'paper' U-Net. The paper gives no attention resolutions: these use DDPM's choice,
           self-attention at 16x16 (plus the middle block). Its noise schedule is T = 2000; the
           linear endpoints 1e-6 -> 1e-2 are the public configs'.
+compact-4x  the architecture of the default model (sr3fast.load("default")): 4x, fully
+          convolutional (no attention, so any input size costs linear time), 5.8M parameters,
+          trained on 16->64 crops and run at any size, e.g. 64->256.
 tiny, tiny-paper, small   for tests and benchmarks: a forward pass takes milliseconds on a CPU.
 """
 from __future__ import annotations
@@ -45,6 +48,12 @@ def presets() -> dict[str, SR3Config]:
         "paper-64-512": _paper(64, 512, 64, (1, 2, 4, 8, 8, 16, 16), 3, "609,777,795", "625M"),
         "paper-256-1024": _paper(256, 1024, 16, (1, 2, 4, 8, 16, 32, 32, 32), 2, "148,737,715", "150M",
                                  norm_groups=16, note="; 16 norm groups, as 32 cannot divide 16 channels"),
+        "compact-4x": SR3Config(
+            UNetConfig(variant="public", inner_channel=32, channel_mults=(1, 2, 4, 4), attn_res=(), res_blocks=2,
+                       norm_groups=16, image_size=64),
+            dict(LINEAR_2000), 16, 64, description="the default model's architecture: 4x, fully convolutional "
+                                                   "(no attention), trained on 16->64 crops, runs at any size; "
+                                                   "5,801,539 parameters."),
         "tiny": SR3Config(
             UNetConfig(variant="public", inner_channel=16, channel_mults=(1, 2), attn_res=(8,), res_blocks=1,
                        norm_groups=4, image_size=16),
