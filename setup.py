@@ -173,6 +173,8 @@ setup(
             "hypothesis>=6",
             "pytest-benchmark>=4",
             "scikit-image>=0.21",
+            "scikit-learn",   # and matplotlib: photos of the default model (scripts/collect_photos.py)
+            "matplotlib",
             "expecttest",
             "cmake>=3.18",  # tests/test_extension.py builds CMakeLists.txt (ninja: scripts/setup.sh)
         ],
