@@ -9,18 +9,19 @@ import torch.nn.functional as F
 
 from .checkpoint import CheckpointError, check_state_dict, read_checkpoint, save_checkpoint
 from .images import from_unit_batch, to_unit_batch
+from .inference_settings import InferenceSettings
 
-NO_DEFAULT_MODEL = (
-    "sr3fast ships no trained weights yet, so upscale() needs model=: a checkpoint of the public SR3 "
-    "code with its JSON (sr3fast.load('I1000000_E37_gen.pth', config='sr_sr3_16_128.json')), an "
-    "sr3fast checkpoint (sr3fast.load('model.safetensors'), e.g. from `sr3fast convert` or "
-    "`sr3fast train`), or a preset name for a randomly initialised model (sr3fast.presets())."
-)
+# The default model: trained by scripts/train_default.sh, shipped inside the package
+# (docs/model-card.md). Its SHA-256 is recorded beside it.
+DEFAULT_MODEL = "default"
+DEFAULT_WEIGHTS = Path(__file__).parent / "weights" / "default-4x.safetensors"
 
 
 def load(source, config=None, device=None, dtype=None):
     """An `SR3` model, in eval mode, from
 
+    - "default": the trained 4x model shipped inside the package (no network; see
+      docs/model-card.md), in float32 unless dtype= says otherwise;
     - a preset name (`sr3fast.presets()`): the architecture with freshly initialised weights;
     - an sr3fast checkpoint (`.safetensors`, the config is inside);
     - a checkpoint of the public SR3 code (`*_gen.pth`) with its JSON config as `config=`
@@ -33,6 +34,11 @@ def load(source, config=None, device=None, dtype=None):
 
     if isinstance(source, SR3):
         model = source
+    elif isinstance(source, str) and source == DEFAULT_MODEL:
+        if config is not None:
+            raise ValueError("config= is for public checkpoints; 'default' is sr3fast's own model")
+        model = _load_default()
+        dtype = torch.float32 if dtype is None else dtype   # stored in float16 to keep it small
     elif isinstance(source, str) and source in presets():
         if config is not None:
             raise ValueError(f"config= is for public checkpoints; {source!r} is a preset name")
@@ -49,9 +55,23 @@ def load(source, config=None, device=None, dtype=None):
     return model.eval()
 
 
-def save(model, path: str | os.PathLike) -> Path:
-    """Write `model` as an sr3fast checkpoint (safetensors + config), atomically."""
-    return save_checkpoint(path, model.state_dict(), model.config.to_dict())
+def save(model, path: str | os.PathLike, dtype=None) -> Path:
+    """Write `model` as an sr3fast checkpoint (safetensors + config, and its recommended
+    inference settings when it has them), atomically. dtype: store the floating-point weights in
+    this precision (e.g. torch.float16 to halve the file), default as they are."""
+    state = model.state_dict()
+    if dtype is not None:
+        state = {name: t.to(dtype) if t.is_floating_point() else t for name, t in state.items()}
+    settings = getattr(model, "inference_settings", None)
+    return save_checkpoint(path, state, model.config.to_dict(),
+                           metadata=settings.to_metadata() if settings is not None else None)
+
+
+def _load_default():
+    if not DEFAULT_WEIGHTS.is_file():
+        raise FileNotFoundError(f"the default model's weights are missing from this installation "
+                                f"({DEFAULT_WEIGHTS}); reinstall sr3fast (`pip install sr3fast` ships them)")
+    return _load_sr3fast(DEFAULT_WEIGHTS, None)
 
 
 def _is_safetensors(path: Path) -> bool:
@@ -74,6 +94,10 @@ def _load_sr3fast(path: Path, config):
     weights = {key: value for key, value in state.items() if key.startswith("unet.")}
     model = _instantiate(sr3_config, weights, source=repr(str(path)))
     model.objective = metadata.get("mode", "diffusion")      # written by sr3fast train
+    try:
+        model.inference_settings = InferenceSettings.from_metadata(metadata)
+    except (ValueError, TypeError) as err:
+        raise CheckpointError(f"{str(path)!r} records invalid inference settings: {err}") from None
     return model
 
 
@@ -117,7 +141,7 @@ def _default_sampler(model) -> str:
 
 
 @torch.no_grad()
-def upscale(x, model=None, *, steps: int = 100, sampler: str | None = None, seed: int | None = None,
+def upscale(x, model=None, *, steps: int | None = None, sampler: str | None = None, seed: int | None = None,
             progress: bool = True, noise: str = "torch", schedule=None, loop: str = "python",
             package=None):
     """Super-resolve `x` with SR3 (Algorithm 2 of the paper, or the sampler named).
@@ -127,11 +151,14 @@ def upscale(x, model=None, *, steps: int = 100, sampler: str | None = None, seed
     upsampled bicubically to the output size, as in the paper. Sizes the U-Net cannot take are
     padded (reflection) and cropped back.
 
-    model: an SR3 (sr3fast.load) or anything sr3fast.load accepts. steps: sampling steps, over the
-    model's training noise schedule respaced to `steps` g values (SR3 conditions on the noise level,
-    so any schedule works without retraining), or over `schedule` (a NoiseSchedule or a schedule
-    dict) when given. sampler: 'posterior' (x0-clipped, posterior variance: how public checkpoints
-    were sampled), 'sr3' (Algorithm 2) or 'ddim'; default by architecture. seed: same seed, same
+    model: an SR3 (sr3fast.load) or anything sr3fast.load accepts; None: the default 4x model
+    (sr3fast.load("default")). steps: sampling steps, over the model's training noise schedule
+    respaced to `steps` g values (SR3 conditions on the noise level, so any schedule works without
+    retraining), or over `schedule` (a NoiseSchedule or a schedule dict) when given. sampler:
+    'posterior' (x0-clipped, posterior variance: how public checkpoints were sampled), 'sr3'
+    (Algorithm 2) or 'ddim'. Whatever is not given comes from the model's recommended settings
+    (`model.inference_settings`, stored in its checkpoint; the default model has them), else
+    100 steps and the sampler by architecture. seed: same seed, same
     image (noise='torch' draws the noise with torch on the model's device, so every backend gives
     the same image; 'kernel' lets fused backends draw it in-kernel).
 
@@ -143,15 +170,14 @@ def upscale(x, model=None, *, steps: int = 100, sampler: str | None = None, seed
     from .diffusion import NoiseSchedule, respace, sample
 
     if model is None:
-        raise ValueError(NO_DEFAULT_MODEL)
-    if not hasattr(model, "predict_noise"):
+        model = _default_model()
+    elif not hasattr(model, "predict_noise"):
         model = load(model)
     if getattr(model, "objective", "diffusion") != "diffusion":
         raise ValueError(f"this model was trained as the paper's {model.objective} baseline: it predicts "
                          "the image in one pass, not noise, so it cannot be sampled. Use "
                          "sr3fast.train.regression.predict(model, condition).")
-    if not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    sampler, steps, schedule = _settings(model, sampler, steps, schedule)
     images, kind = to_unit_batch(x)
     parameter = next(model.parameters())
     device, dtype = parameter.device, parameter.dtype
@@ -172,10 +198,34 @@ def upscale(x, model=None, *, steps: int = 100, sampler: str | None = None, seed
     generator = torch.Generator(device=device)
     generator.manual_seed(seed if seed is not None else int(torch.randint(2**62, ()).item()))
 
-    result = sample(sampler or _default_sampler(model), model, condition.to(dtype), schedule,
+    result = sample(sampler, model, condition.to(dtype), schedule,
                     generator=generator, noise=noise, progress=progress, loop=loop, package=package)
     result = result[..., :height, :width].float()
     return from_unit_batch((result + 1) / 2, kind)
+
+
+_DEFAULT_MODELS: dict = {}
+
+
+def _default_model():
+    """The default model, loaded once per process (upscale(x) in a loop must not reread it)."""
+    if "model" not in _DEFAULT_MODELS:
+        _DEFAULT_MODELS["model"] = load(DEFAULT_MODEL)
+    return _DEFAULT_MODELS["model"]
+
+
+def _settings(model, sampler, steps, schedule):
+    """(sampler, steps, schedule) from the caller's, else the model's recommended, else the
+    defaults. A recommended schedule goes with its own step count: asking for other steps
+    respaces the training schedule instead."""
+    recommended = getattr(model, "inference_settings", None) or InferenceSettings()
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    if schedule is None and steps is None:
+        schedule = recommended.schedule
+    steps = steps or recommended.steps or 100
+    sampler = sampler or recommended.sampler or _default_sampler(model)
+    return sampler, steps, schedule
 
 
 def _pad_to_multiple(images: torch.Tensor, multiple: int) -> torch.Tensor:

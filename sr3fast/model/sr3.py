@@ -23,6 +23,9 @@ class SR3(nn.Module):
     # what the weights were trained for: "diffusion" (eps prediction, sampled by upscale) or
     # "regression" (the paper's one-pass baseline; sr3fast.train.regression.predict)
     objective: str = "diffusion"
+    # how the weights are best sampled (sr3fast.inference_settings.InferenceSettings), when the
+    # checkpoint records it; sr3fast.upscale's defaults for this model
+    inference_settings = None
 
     def __init__(self, config: SR3Config):
         super().__init__()
