@@ -50,7 +50,7 @@ def cmd_upscale(args) -> int:
     import sr3fast
     from .images import save_image_atomic
 
-    if args.steps < 1:
+    if args.steps is not None and args.steps < 1:
         raise SystemExit(f"sr3fast: --steps must be at least 1, got {args.steps}")
     inputs = _collect_inputs(args.inputs)
     outputs = _output_paths(inputs, args.output)
@@ -161,12 +161,15 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("inputs", nargs="+", help="image files or folders of images")
     up.add_argument("-o", "--output", required=True,
                     help="output image (one input) or folder (written as <name>.png)")
-    up.add_argument("--model", required=True,
-                    help="sr3fast checkpoint, public *_gen.pth (with --config) or preset name")
+    up.add_argument("--model", default="default",
+                    help="sr3fast checkpoint, public *_gen.pth (with --config) or preset name "
+                         "(default: the built-in 4x model, docs/model-card.md)")
     up.add_argument("--config", help="JSON config of a public SR3 checkpoint")
-    up.add_argument("--steps", type=int, default=100, help="sampling steps (default 100)")
+    up.add_argument("--steps", type=int, default=None,
+                    help="sampling steps (default: the model's recommended, else 100)")
     up.add_argument("--sampler", choices=("posterior", "sr3", "ddim"), default=None,
-                    help="default: posterior for public checkpoints, sr3 for paper models")
+                    help="default: the model's recommended, else posterior for public checkpoints, "
+                         "sr3 for paper models")
     up.add_argument("--seed", type=int, default=None, help="seed for reproducible samples")
     up.add_argument("--device", default=None, help="e.g. cuda, cpu (default: where the model loads)")
     up.add_argument("--loop", choices=("python", "cpp", "graph"), default="python",
