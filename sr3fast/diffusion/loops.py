@@ -49,6 +49,19 @@ STATE_DTYPE = torch.float32  # of y between steps, whatever the model runs in
 Denoise = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
+def denoiser_for(model, x: torch.Tensor, loop: str) -> Denoise | str:
+    """What `loop` calls each step for `model`. A model is anything with
+    predict_noise(x, y_t, gamma) -> eps (an SR3, a stand-in); its predict_noise is the denoiser.
+    A model may instead provide denoiser_for(x, loop), checking that it can take x: a package
+    opened by the product layer (sr3fast.export.Package) does, and for loop="cpp" returns the
+    package's path, which the C++ loop loads and runs without Python. The loops never open
+    files themselves: what reads packages lives above them."""
+    provide = getattr(model, "denoiser_for", None)
+    if provide is not None:
+        return provide(x, loop)
+    return model.predict_noise
+
+
 @dataclass(frozen=True)
 class SamplingRun:
     """The inputs of one sampling call, as every loop takes them."""
@@ -91,7 +104,7 @@ def run_cpp(denoiser: Denoise | str, run: SamplingRun, callback: Callable | None
     called back into Python each step, or the path of a package (sr3fast export), run in C++.
     Each step runs the extension's reverse_step whatever backend is selected (see the module
     docstring for what that means on CUDA)."""
-    extension = _extension("cpp")
+    extension = compiled_extension("cpp")
     return extension.sample(denoiser, run.x, run.y_T, run.coefs, run.gammas, run.clip,
                             run.stochastic, run.noise == "kernel", run.generator, callback)
 
@@ -163,7 +176,8 @@ def _capture(one_step: Callable[[], None], device: torch.device, generator: torc
     return graph
 
 
-def _extension(loop: str):
+def compiled_extension(loop: str):
+    """sr3fast._C with its C++ sampling loop, or a RuntimeError saying how to get it."""
     try:
         import sr3fast._C as extension
     except ImportError as err:
@@ -174,20 +188,3 @@ def _extension(loop: str):
         raise RuntimeError(f"loop={loop!r}: this build of sr3fast._C predates the C++ sampling "
                            "loop; rebuild it (`pip install --no-build-isolation -e .`)")
     return extension
-
-
-def package_denoiser(path, x: torch.Tensor, loop: str) -> Denoise | str:
-    """The denoiser for `loop` from the package at `path`, checked against x: its path for
-    loop='cpp' (loaded by C++, once per process), a Python runner otherwise."""
-    from ..export import PackageInfo, load_package
-
-    if loop == "cpp":
-        from pathlib import Path
-        if not Path(path).is_file():
-            raise FileNotFoundError(f"no package at {str(path)!r}; write one with `sr3fast export`")
-        metadata = _extension(loop).package_metadata(str(path), x.device)
-        PackageInfo.from_metadata(metadata, path).check(x, path)
-        return str(path)
-    runner, info = load_package(path, x.device)
-    info.check(x, path)
-    return runner

@@ -8,8 +8,9 @@ All share one signature, (model, x, schedule, *, y_T, generator, noise, callback
 package), and one setup (`_run`): per step, eps = model.predict_noise(x, y_t, g_t), then the fused
 `sr3fast.ops.reverse_step` with that step's row of the coefficient table; see
 sr3fast.diffusion.coefficients for the table contract. loop= picks where the steps run: "python",
-"cpp" or "graph" (sr3fast.diffusion.loops). package= (a path from `sr3fast export`) replaces
-model.predict_noise with the AOTInductor-compiled U-Net; model may then be None.
+"cpp" or "graph" (sr3fast.diffusion.loops). package= (a package from `sr3fast export`, opened
+by sr3fast.export.open_package) replaces model.predict_noise with the AOTInductor-compiled U-Net;
+model may then be None.
 
 Randomness: y_T ~ N(0, I) is drawn from `generator` (unless given as y_T=). With
 noise="torch", each step's z is drawn with torch.randn(..., generator=generator) on x's device
@@ -23,13 +24,15 @@ lose the image); the model sees y cast to x's dtype. The result is y_0, float32,
 """
 from __future__ import annotations
 
+import os
 from typing import Callable
 
 import torch
 
 from ._checks import check_generator
 from .coefficients import CLIP, noise_levels, reverse_coefficients
-from .loops import LOOPS, NOISE_SOURCES, STATE_DTYPE, SamplingRun, package_denoiser, run_cpp, run_graph, run_python
+from .loops import (LOOPS, NOISE_SOURCES, STATE_DTYPE, SamplingRun, denoiser_for, run_cpp, run_graph,
+                    run_python)
 from .schedules import NoiseSchedule
 
 def _initial_noise(x: torch.Tensor, y_T: torch.Tensor | None,
@@ -54,12 +57,14 @@ def _run(model, x: torch.Tensor, schedule: NoiseSchedule, sampler: str, *, eta: 
     if x.dim() != 4:
         raise ValueError(f"x must be the upsampled condition, shape (B, C, H, W); got {tuple(x.shape)}")
     check_generator(generator, x.device, f"sample_{sampler}")
-    if package is not None:
-        denoiser = package_denoiser(package, x, loop)
-    elif model is None:
-        raise ValueError(f"sample_{sampler} needs a model (or package=, a path from `sr3fast export`)")
-    else:
-        denoiser = model.predict_noise
+    if isinstance(package, (str, os.PathLike)):
+        raise TypeError(f"sample_{sampler}: package= takes an opened package, "
+                        f"sr3fast.export.open_package({str(package)!r}, model=model), not a path: "
+                        "the sampling loops read no files (sr3fast.upscale(package=path) opens it)")
+    if package is None and model is None:
+        raise ValueError(f"sample_{sampler} needs a model (or package=, a package from `sr3fast export` "
+                         "opened by sr3fast.export.open_package)")
+    denoiser = denoiser_for(package if package is not None else model, x, loop)
     batch, device = x.shape[0], x.device
     run = SamplingRun(x=x, y_T=_initial_noise(x, y_T, generator),
                       coefs=reverse_coefficients(schedule, sampler, batch, device, eta=eta),
