@@ -38,7 +38,13 @@ sides (`fp32_only`).
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 import importlib.util
+import json
+import subprocess
+import sys
+import textwrap
 from types import SimpleNamespace
 
 import numpy as np
@@ -49,7 +55,7 @@ import sr3fast
 from sr3fast import backends, reference
 from sr3fast.cli import main as cli_main
 from sr3fast.diffusion import CLIP, LOOPS, NoiseSchedule, respace, reverse_coefficients, sample
-from sr3fast.export import PackageInfo, load_package
+from sr3fast.export import Package, PackageInfo, load_package, open_package
 
 from support import DEVICE, fp32_atol, report
 
@@ -252,26 +258,54 @@ def test_cpp_loop_with_a_package_reproduces_the_python_loop(tiny, package):
     _, path = package
     with sr3fast.backend(EXTENSION):  # the same reverse_step kernel in both loops
         for sampler, kwargs in SAMPLER_CASES[1:3]:
-            _assert_same_run(f"cpp package {sampler}", _sample(tiny, sampler, kwargs, "cpp", package=path),
-                             _sample(tiny, sampler, kwargs, "python", package=path))
+            _assert_same_run(f"cpp package {sampler}",
+                             _sample(tiny, sampler, kwargs, "cpp", package=open_package(path)),
+                             _sample(tiny, sampler, kwargs, "python", package=open_package(path)))
 
 
-@needs_extension
-def test_package_computes_the_models_noise_prediction(tiny, package):
-    """Eager against the package, both in float32 (fp32_only): the same maths in another order
-    (inductor fuses and reorders, picks its own kernels and layouts), so they may differ by
-    float32 summation-order error. Tolerance: support.fp32_atol (8 eps32 sqrt(K) on the scale of
-    the result) for the longest reduction K of the U-Net (conv fan-in, group of a GroupNorm),
-    once per layer, the layers' errors combined as independent (sqrt of the count); GroupNorm
-    keeps every layer's output on the scale of eps, on which the errors are measured."""
+# Run in a fresh interpreter: the package alone, loaded by sr3fast.export with nothing of sr3fast
+# imported before (a package exported on a CPU calls the extension's sr3fast::conv2d, whose schema
+# exists only once sr3fast._C is imported; this process imported it long ago).
+FRESH_PACKAGE_RUN = textwrap.dedent("""
+    import json, sys
+    import torch
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False   # fp32_only
+    from sr3fast.export import open_package
+    package, inputs, output, device = sys.argv[1:]
+    assert "sr3fast._C" not in sys.modules, "the fresh process already has the extension"
+    args = [t.to(device) for t in torch.load(inputs)]
+    with torch.no_grad():
+        eps = open_package(package).predict_noise(*args)
+    torch.save(eps.cpu(), output)
+""")
+
+
+def run_package_in_a_fresh_process(path, inputs, tmp_path):
+    """eps of the package at `path` for inputs (x, y_t, gamma), computed by a new interpreter."""
+    torch.save([t.cpu() for t in inputs], tmp_path / "inputs.pt")
+    result = subprocess.run([sys.executable, "-c", FRESH_PACKAGE_RUN, str(path), str(tmp_path / "inputs.pt"),
+                             str(tmp_path / "eps.pt"), str(DEVICE)], capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, f"the package did not run in a fresh process:\n{result.stderr[-3000:]}"
+    return torch.load(tmp_path / "eps.pt").to(DEVICE)
+
+
+def test_package_computes_the_models_noise_prediction(tiny, package, tmp_path):
+    """Eager against the package, both in float32 (fp32_only), the package run in a fresh process
+    (it must load what it needs, the extension's ops included, by itself): the same maths in
+    another order (inductor fuses and reorders, picks its own kernels and layouts), so they may
+    differ by float32 summation-order error. Tolerance: support.fp32_atol (8 eps32 sqrt(K) on the
+    scale of the result) for the longest reduction K of the U-Net (conv fan-in, group of a
+    GroupNorm), once per layer, the layers' errors combined as independent (sqrt of the count);
+    GroupNorm keeps every layer's output on the scale of eps, on which the errors are measured."""
     model, _, x = tiny
-    runner, info = load_package(package[1], DEVICE)
+    info = open_package(package[1]).info(DEVICE)
     assert info.shape == tuple(x.shape) and info.dtype == torch.float32
     assert info.config == model.config.to_dict()
     y_t, gamma = torch.randn_like(x), torch.tensor([0.3], device=DEVICE)
+    got = run_package_in_a_fresh_process(package[1], (x, y_t, gamma), tmp_path)
     with torch.no_grad(), fp32_only():
         want = model.predict_noise(x, y_t, gamma)
-        got = runner(x, y_t, gamma)
     layers = [m for m in model.modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))]
     norms = [m for m in model.modules() if isinstance(m, torch.nn.GroupNorm)]
     group = max(m.num_channels // m.num_groups for m in norms) * x.shape[-2] * x.shape[-1]
@@ -282,6 +316,29 @@ def test_package_computes_the_models_noise_prediction(tiny, package):
     assert got.shape == want.shape and max_err <= atol
 
 
+def test_package_of_another_model_is_refused(tiny, package):
+    """The package records its model's config and a fingerprint of its weights; opened for
+    another model (other weights, or another config) it refuses to run, in every loop, instead of
+    sampling with the wrong network. The same model in another precision is accepted."""
+    model, schedule, x = tiny
+    path = package[1]
+    torch.manual_seed(1)
+    retrained = sr3fast.load("tiny").to(DEVICE)        # same architecture, other weights
+    config = model.config
+    other_config = dataclasses.replace(config, schedule={**config.schedule, "n_timestep": 1000})
+    reconfigured = sr3fast.SR3(other_config).to(DEVICE)
+    reconfigured.load_state_dict(model.state_dict())  # same weights, other config
+    loops = ("python", "cpp") if _CPP_LOOP_REASON is None else ("python",)
+    for loop in loops:
+        with pytest.raises(ValueError, match="exported from another model: same architecture, different weights"):
+            sample("sr3", retrained, x, schedule, loop=loop, package=open_package(path, model=retrained))
+        with pytest.raises(ValueError, match=r"another config \(schedule.n_timestep: package 2000, model 1000\)"):
+            sample("sr3", reconfigured, x, schedule, loop=loop, package=open_package(path, model=reconfigured))
+    info = open_package(path).info(DEVICE)
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        info.check_model(copy.deepcopy(model).to(dtype), path)
+
+
 @needs_cpp_loop
 def test_upscale_cpp_loop_and_package_give_the_python_loops_image(package, tmp_path):
     checkpoint, path = package
@@ -290,8 +347,9 @@ def test_upscale_cpp_loop_and_package_give_the_python_loops_image(package, tmp_p
     image = torch.from_numpy(low).permute(2, 0, 1)[None]
     with sr3fast.backend(EXTENSION), fp32_only():  # one reverse_step kernel; no TF32 (fp32_only)
         want = sr3fast.upscale(image, model, steps=4, seed=3, progress=False)
-        got = sr3fast.upscale(image, model, steps=4, seed=3, progress=False, loop="cpp", package=path)
-        python_package = sr3fast.upscale(image, model, steps=4, seed=3, progress=False, package=path)
+        package = open_package(path, model=model)
+        got = sr3fast.upscale(image, model, steps=4, seed=3, progress=False, loop="cpp", package=package)
+        python_package = sr3fast.upscale(image, model, steps=4, seed=3, progress=False, package=package)
     assert got.shape == want.shape == (1, 3, 16, 16)
     assert torch.equal(got, python_package)
     # the package's rounding differs from eager's by ulps; 8-bit output absorbs nearly all of it
@@ -349,9 +407,11 @@ def test_package_misuse_says_what_to_do(tiny, package, tmp_path):
     path = package[1]
     for loop in ("python", "cpp"):
         with pytest.raises(ValueError, match=r"compiled for inputs \(1, 3, 16, 16\).*sr3fast export MODEL --batch 2"):
-            sample("sr3", None, x.repeat(2, 1, 1, 1), schedule, loop=loop, package=path)
-        with pytest.raises(FileNotFoundError, match="sr3fast export"):
-            sample("sr3", None, x, schedule, loop=loop, package=tmp_path / "missing.pt2")
+            sample("sr3", None, x.repeat(2, 1, 1, 1), schedule, loop=loop, package=open_package(path))
+        with pytest.raises(TypeError, match=r"an opened package, sr3fast.export.open_package\("):
+            sample("sr3", None, x, schedule, loop=loop, package=path)
+    with pytest.raises(FileNotFoundError, match="sr3fast export"):
+        open_package(tmp_path / "missing.pt2")
     with pytest.raises(ValueError, match="not an sr3fast denoiser package"):
         PackageInfo.from_metadata({"AOTI_DEVICE_KEY": "cpu"}, "other.pt2")
 
@@ -400,8 +460,9 @@ def test_graph_loop_with_a_package_reproduces_the_python_loop(tiny, package):
     kernel, same noise as the Python loop driving the same package."""
     _, path = package
     for sampler, kwargs in SAMPLER_CASES[1:3]:
-        _assert_same_run(f"graph package {sampler}", _sample(tiny, sampler, kwargs, "graph", package=path),
-                         _sample(tiny, sampler, kwargs, "python", package=path))
+        _assert_same_run(f"graph package {sampler}",
+                         _sample(tiny, sampler, kwargs, "graph", package=open_package(path)),
+                         _sample(tiny, sampler, kwargs, "python", package=open_package(path)))
 
 
 @needs_cuda
