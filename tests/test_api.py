@@ -114,6 +114,52 @@ def test_dataparallel_prefix_is_accepted(tmp_path):
 
 # ---------------------------------------------------------------- bad checkpoints and configs
 
+def _with_stored_schedule(tmp_path, checkpoint, schedule):
+    """The checkpoint with its schedule buffers replaced by those of `schedule` (a public
+    GaussianDiffusion built with it writes them), as a checkpoint trained with it would hold."""
+    from peer_sr3 import GaussianDiffusion as Peer
+
+    state = torch.load(checkpoint, weights_only=True)
+    tables = Peer(torch.nn.Identity(), image_size=16, schedule_opt=schedule).state_dict()
+    state.update({key: value for key, value in tables.items() if key in state})
+    path = tmp_path / "other_schedule_gen.pth"
+    torch.save(state, path)
+    return path
+
+
+def test_stored_betas_that_disagree_with_the_config_are_reported(tmp_path):
+    """A *_gen.pth whose stored betas are not its config's schedule (trained with another config):
+    a warning names both schedules, which one sr3fast uses (the config's) and why, and what to do.
+    Betas that match the config's train or val schedule load silently."""
+    import warnings
+
+    from sr3fast.compat import public_sr3
+
+    config = _public_config(tmp_path)
+    checkpoint, _ = _public_checkpoint(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")                      # the matching checkpoint: no warning
+        sr3_config, state = public_sr3.read_public_model(checkpoint, config)
+    assert "unet.noise_level_mlp.1.weight" in state and "betas" not in state
+    other = {**SCHEDULE, "linear_end": 2e-2}
+    mismatched = _with_stored_schedule(tmp_path, checkpoint, other)
+    with pytest.warns(public_sr3.ScheduleMismatchWarning) as caught:
+        again, _ = public_sr3.read_public_model(mismatched, config)
+    message = str(caught[0].message)
+    print(message)
+    assert "betas: 2000 steps, 1e-06 .. 0.02" in message
+    assert "train: linear, 2000 steps, 1e-06 .. 0.01" in message
+    assert "sr3fast uses the config's (linear, 2000 steps, 1e-06 .. 0.01)" in message
+    assert "pass the JSON config it was trained with" in message
+    assert again.schedule == sr3_config.schedule == SCHEDULE   # the config's schedule is used
+    # matching the val phase of the config (what the public code samples with) is fine too
+    both = tmp_path / "both.json"
+    both.write_text(PUBLIC_JSON % (json.dumps(TINY_UNET), json.dumps(SCHEDULE), json.dumps(other)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        public_sr3.read_public_model(mismatched, both)
+
+
 def test_checkpoint_of_another_architecture_lists_the_mismatches(tmp_path):
     config = _public_config(tmp_path)
     other = {**TINY_UNET, "inner_channel": 8, "res_blocks": 2}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from pathlib import Path
 
 import torch
@@ -96,11 +97,81 @@ def sr3_config_from_public(source: str | os.PathLike | dict):
     low_res = int(data.get("l_resolution", high_res))
     return SR3Config(
         unet=UNetConfig.from_public_json(unet, image_size),
-        schedule={key: schedule[key] for key in ("schedule", "n_timestep", "linear_start", "linear_end")
-                  if key in schedule},
+        schedule={key: schedule[key] for key in SCHEDULE_KEYS if key in schedule},
         low_res=low_res, high_res=high_res,
         description=f"public SR3 checkpoint config {config.get('name', '')!r}".strip(),
     )
+
+
+SCHEDULE_KEYS = ("schedule", "n_timestep", "linear_start", "linear_end")
+
+
+class ScheduleMismatchWarning(UserWarning):
+    """A public checkpoint's stored `betas` are not the noise schedule of the config given with it."""
+
+
+def read_public_model(path: str | os.PathLike, config):
+    """(SR3Config, sr3fast state_dict) of a public `*_gen.pth` and the JSON config it was trained
+    with (a path, a parsed dict, or an SR3Config), its stored noise schedule checked against the
+    config's (`check_stored_schedule`). What sr3fast.load does with a public checkpoint."""
+    from ..model import SR3Config
+
+    public = None if isinstance(config, SR3Config) else read_config(config)
+    sr3_config = config if public is None else sr3_config_from_public(public)
+    state = read_public_checkpoint(path)
+    if public is not None:
+        schedules = dict(public["model"].get("beta_schedule", {}))
+    else:
+        schedules = {"sr3fast config": sr3_config.schedule}
+    check_stored_schedule(state, schedules, used=sr3_config.schedule, source=str(path))
+    return sr3_config, to_sr3fast_state(state)
+
+
+def check_stored_schedule(state: dict[str, torch.Tensor], schedules: dict[str, dict], used: dict,
+                          source: str) -> bool:
+    """Warn (ScheduleMismatchWarning) when the checkpoint's stored `betas` buffer is none of the
+    config's beta schedules (`schedules`: phase -> schedule dict, e.g. the public config's
+    model.beta_schedule {"train": ..., "val": ...}); True when they agree or nothing is stored.
+
+    The schedule that counts is the config's (`used`), not the stored buffers: SR3's network is
+    conditioned on the noise level itself, so the buffers are only tables derived from a
+    schedule, and the public code recomputes them from its config whenever it sets a schedule
+    (set_new_noise_schedule) rather than trusting the stored ones; sr3fast likewise derives its
+    training and inference noise levels from the config. Buffers that match no phase of the
+    config mean the config is probably not the one the checkpoint was trained with: the warning
+    says so, with both schedules, so that the user can pass the right config."""
+    from ..diffusion import NoiseSchedule
+
+    stored = state.get("betas")
+    if stored is None:
+        return True
+    stored = stored.detach().double().reshape(-1).cpu()
+    for schedule in schedules.values():
+        try:
+            betas = NoiseSchedule.from_config({key: value for key, value in schedule.items()
+                                               if key in SCHEDULE_KEYS}).betas
+        except (KeyError, TypeError, ValueError):
+            continue
+        # the public code computes them in float64 and stores float32: equal to float32 rounding
+        if betas.shape == stored.shape and torch.allclose(stored, betas, rtol=1e-6, atol=0):
+            return True
+    described = "; ".join(f"{phase}: {_describe_schedule(s)}" for phase, s in schedules.items())
+    warnings.warn(
+        f"{source!r}: the checkpoint's stored noise schedule (betas: {stored.numel()} steps, "
+        f"{stored[0].item():.4g} .. {stored[-1].item():.4g}) is none of its config's ({described}). "
+        f"sr3fast uses the config's ({_describe_schedule(used)}): the network is conditioned on "
+        "the noise level, the stored betas are only tables derived from a schedule, and the public "
+        "code itself recomputes them from its config. If the checkpoint was trained with another "
+        "schedule, pass the JSON config it was trained with; its noise levels then follow.",
+        ScheduleMismatchWarning, stacklevel=3)
+    return False
+
+
+def _describe_schedule(schedule) -> str:
+    if not isinstance(schedule, dict):
+        return repr(schedule)
+    return (f"{schedule.get('schedule', '?')}, {schedule.get('n_timestep', '?')} steps, "
+            f"{schedule.get('linear_start', '?')} .. {schedule.get('linear_end', '?')}")
 
 
 def read_public_checkpoint(path: str | os.PathLike) -> dict[str, torch.Tensor]:
