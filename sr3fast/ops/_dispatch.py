@@ -14,7 +14,15 @@ class _Table:
 _TABLE = _Table()
 
 
-@torch.compiler.assume_constant_result
+def _assume_constant_result(fn):
+    """torch.compiler.assume_constant_result without its cost: that function imports
+    torch._dynamo (seconds) only to set this flag, and every model build would pay for it.
+    tests/test_cli.py checks that torch still marks functions this way."""
+    fn._dynamo_marked_constant = True
+    return fn
+
+
+@_assume_constant_result
 def _resolved_name(op: str, device_type: str, selected: str) -> str:
     # Runs eagerly even while dynamo traces, so the import in _implementation_of happens here
     # and not in the graph. `selected` is read from the module global by the caller, which
