@@ -12,6 +12,7 @@ Environment switches:
   MAX_JOBS                parallel compile jobs (read by torch's build_ext)
 """
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -140,11 +141,18 @@ def _extensions():
     return [ext], {"build_ext": build_ext}
 
 
+def _version() -> str:
+    """sr3fast.__version__, the one place of truth, read from the source: importing the
+    package at build time would need its dependencies installed first."""
+    text = (ROOT / "sr3fast" / "__init__.py").read_text()
+    return re.search(r'^__version__ = "([^"]+)"', text, re.MULTILINE).group(1)
+
+
 ext_modules, cmdclass = _extensions()
 
 setup(
     name="sr3fast",
-    version="0.1.0",
+    version=_version(),
     description="Fast SR3 diffusion super-resolution: fused Triton/CUDA kernels, a pure-PyTorch "
                 "reference, and loaders for public SR3 checkpoints",
     long_description=(ROOT / "README.md").read_text() if (ROOT / "README.md").exists() else "",

@@ -5,14 +5,14 @@
     eps = model.predict_noise(x, y_t, gamma)           # f(x, y_t, g)
     y = sr3fast.upscale(image, model=model, steps=100, seed=0)
 
-Importing this package is cheap: it imports torch, nothing else heavy, builds nothing and
-queries no GPU. Everything below is loaded on first use.
+Importing this package is cheap: it imports no torch, builds nothing and queries no GPU.
+Everything below is loaded on first use.
 """
 from importlib import import_module
 
 from .backends import backend, explain_backend, get_backend, set_backend
 
-__version__ = "0.1.0"
+__version__ = "0.1.0"       # the one place of truth: setup.py reads it
 
 # public name -> (module that defines it, attribute; None for the module itself), imported on
 # first attribute access (PEP 562)
