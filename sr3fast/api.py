@@ -17,20 +17,22 @@ DEFAULT_MODEL = "default"
 DEFAULT_WEIGHTS = Path(__file__).parent / "weights" / "default-4x.safetensors"
 
 
-def load(source, config=None, device=None, dtype=None):
+def load(source, config=None, device=None, dtype=None, *, seed: int | None = None):
     """An `SR3` model, in eval mode, from
 
     - "default": the trained 4x model shipped inside the package (no network; see
       docs/model-card.md), in float32 unless dtype= says otherwise;
-    - a preset name (`sr3fast.presets()`): the architecture with freshly initialised weights;
-    - an sr3fast checkpoint (`.safetensors`, the config is inside);
+    - a preset name (`sr3fast.presets()`): the architecture with freshly initialised weights,
+      drawn from `seed` when given (same seed, same weights), else from torch's global RNG;
+    - an sr3fast checkpoint (`.safetensors`, the config is inside), or a folder holding one as
+      model.safetensors (what `sr3fast train` writes into its --out folder);
     - a checkpoint of the public SR3 code (`*_gen.pth`) with its JSON config as `config=`
       (a path or the parsed dict; `//` comments are fine).
 
-    device, dtype: where and in which precision to put the weights.
+    device, dtype: where and in which precision to put the weights. seed: used by presets only.
     Mismatched weights raise CheckpointError listing missing, unexpected and mis-shaped keys.
     """
-    from .model import SR3, build, presets
+    from .model import SR3, presets
 
     if isinstance(source, SR3):
         model = source
@@ -42,9 +44,11 @@ def load(source, config=None, device=None, dtype=None):
     elif isinstance(source, str) and source in presets():
         if config is not None:
             raise ValueError(f"config= is for public checkpoints; {source!r} is a preset name")
-        model = build(source)
+        model = _build_seeded(source, seed)
     else:
         path = Path(source)
+        if path.is_dir():
+            path = _checkpoint_in_folder(path)
         if not path.exists():
             known = ", ".join(sorted(presets()))
             raise FileNotFoundError(f"{str(source)!r} is neither an existing file nor a preset name "
@@ -65,6 +69,31 @@ def save(model, path: str | os.PathLike, dtype=None) -> Path:
     settings = getattr(model, "inference_settings", None)
     return save_checkpoint(path, state, model.config.to_dict(),
                            metadata=settings.to_metadata() if settings is not None else None)
+
+
+def _build_seeded(name: str, seed: int | None):
+    """Preset `name` with random weights; drawn from `seed` without touching the caller's RNG."""
+    from .model import build
+
+    if seed is None:
+        return build(name)
+    with torch.random.fork_rng(devices=[]):      # the weights are built on the CPU
+        torch.default_generator.manual_seed(seed)
+        return build(name)
+
+
+def _checkpoint_in_folder(folder: Path) -> Path:
+    """The model.safetensors of a training folder (`sr3fast train --out`, or one of its
+    checkpoints/step_N/), or a FileNotFoundError saying what the folder should hold."""
+    weights = folder / "model.safetensors"
+    if weights.is_file():
+        return weights
+    steps = sorted((int(p.parent.name[5:]), p) for p in folder.glob("checkpoints/step_*/model.safetensors")
+                   if p.parent.name[5:].isdigit())
+    hint = (f"; the run has not finished, its newest checkpoint is {str(steps[-1][1])!r}" if steps else
+            "; pass the checkpoint file itself, or the --out folder of `sr3fast train` once it has finished")
+    raise FileNotFoundError(f"{str(folder)!r} is a folder without model.safetensors (the weights "
+                            f"`sr3fast train` writes at the end of a run){hint}")
 
 
 def _load_default():
@@ -142,8 +171,8 @@ def _default_sampler(model) -> str:
 
 @torch.no_grad()
 def upscale(x, model=None, *, steps: int | None = None, sampler: str | None = None, seed: int | None = None,
-            progress: bool = True, noise: str = "torch", schedule=None, loop: str = "python",
-            package=None):
+            eta: float | None = None, progress: bool = True, noise: str = "torch", schedule=None,
+            loop: str = "python", package=None):
     """Super-resolve `x` with SR3 (Algorithm 2 of the paper, or the sampler named).
 
     x: float tensor (B, 3, h, w) in [0, 1], uint8 tensor, PIL image, or image path. Returns the
@@ -160,24 +189,30 @@ def upscale(x, model=None, *, steps: int | None = None, sampler: str | None = No
     (`model.inference_settings`, stored in its checkpoint; the default model has them), else
     100 steps and the sampler by architecture. seed: same seed, same
     image (noise='torch' draws the noise with torch on the model's device, so every backend gives
-    the same image; 'kernel' lets fused backends draw it in-kernel).
+    the same image; 'kernel' lets fused backends draw it in-kernel); a preset name as `model` also
+    takes its random weights from it. eta: DDIM's noise scale, for sampler 'ddim' only (0, its
+    default: deterministic; 1: the posterior variance).
 
     loop: where the sampling steps run, 'python', 'cpp' (C++, sr3fast._C) or 'graph' (one CUDA
     graph launch per step); the same seed gives the same image in each (see
     sr3fast.diffusion.loops). package: a path from `sr3fast export`, the U-Net compiled ahead of
     time for this output size and batch, used in place of the model's forward.
+
+    Raises FloatingPointError when the sampled image holds NaN or Inf (non-finite weights, or a
+    precision too narrow for the model) rather than return it.
     """
     from .diffusion import NoiseSchedule, respace, sample
 
     if model is None:
         model = _default_model()
     elif not hasattr(model, "predict_noise"):
-        model = load(model)
+        model = load(model, seed=seed)
     if getattr(model, "objective", "diffusion") != "diffusion":
         raise ValueError(f"this model was trained as the paper's {model.objective} baseline: it predicts "
                          "the image in one pass, not noise, so it cannot be sampled. Use "
                          "sr3fast.train.regression.predict(model, condition).")
-    sampler, steps, schedule = _settings(model, sampler, steps, schedule)
+    sampler, steps, schedule = _settings(model, sampler, steps, schedule, eta)
+    options = {} if eta is None else {"eta": eta}
     images, kind = to_unit_batch(x)
     parameter = next(model.parameters())
     device, dtype = parameter.device, parameter.dtype
@@ -198,9 +233,11 @@ def upscale(x, model=None, *, steps: int | None = None, sampler: str | None = No
     generator = torch.Generator(device=device)
     generator.manual_seed(seed if seed is not None else int(torch.randint(2**62, ()).item()))
 
-    result = sample(sampler, model, condition.to(dtype), schedule,
+    result = sample(sampler, model, condition.to(dtype), schedule, **options,
                     generator=generator, noise=noise, progress=progress, loop=loop, package=package)
     result = result[..., :height, :width].float()
+    if not torch.isfinite(result).all():        # once, after the last step: no sync per step
+        raise FloatingPointError(_non_finite_message(model, dtype))
     return from_unit_batch((result + 1) / 2, kind)
 
 
@@ -214,10 +251,10 @@ def _default_model():
     return _DEFAULT_MODELS["model"]
 
 
-def _settings(model, sampler, steps, schedule):
+def _settings(model, sampler, steps, schedule, eta=None):
     """(sampler, steps, schedule) from the caller's, else the model's recommended, else the
     defaults. A recommended schedule goes with its own step count: asking for other steps
-    respaces the training schedule instead."""
+    respaces the training schedule instead. eta is checked against the sampler it would go to."""
     recommended = getattr(model, "inference_settings", None) or InferenceSettings()
     if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
@@ -225,7 +262,28 @@ def _settings(model, sampler, steps, schedule):
         schedule = recommended.schedule
     steps = steps or recommended.steps or 100
     sampler = sampler or recommended.sampler or _default_sampler(model)
+    if eta is not None and not 0 <= eta <= 1:
+        raise ValueError(f"eta must lie in [0, 1] (0: deterministic DDIM, 1: the posterior variance), "
+                         f"got {eta!r}")
+    if eta is not None and sampler != "ddim":
+        raise ValueError(f"eta is DDIM's noise scale, but the sampler is {sampler!r}, which has none; "
+                         "pass sampler='ddim' (--sampler ddim) to use eta, or drop eta")
     return sampler, steps, schedule
+
+
+def _non_finite_message(model, dtype) -> str:
+    """Why a sampled image holds NaN or Inf, as far as can be told, and what to do."""
+    broken = [name for name, tensor in model.state_dict().items()
+              if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+    if broken:
+        shown = ", ".join(broken[:3]) + (f" and {len(broken) - 3} more" if len(broken) > 3 else "")
+        cause = (f"the model's weights hold NaN or Inf ({shown}): the checkpoint is damaged or its "
+                 "training diverged; use another checkpoint")
+    elif dtype in (torch.float16, torch.bfloat16):
+        cause = f"the model overflowed in {str(dtype).removeprefix('torch.')}; run it in float32"
+    else:
+        cause = "the model produced them from finite weights; check the checkpoint and the input"
+    return f"the sampled image holds NaN or Inf values, so nothing was returned: {cause}"
 
 
 def _pad_to_multiple(images: torch.Tensor, multiple: int) -> torch.Tensor:

@@ -1,67 +1,184 @@
-"""The `sr3fast` command line (also `python -m sr3fast`)."""
+"""The `sr3fast` command line (also `python -m sr3fast`).
+
+Kept light: parsing, --help, --version and `presets` import no torch; a command that needs it
+imports it when it runs.
+"""
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
 
-from .images import IMAGE_SUFFIXES
+from . import __version__
+
+# One exit-status scheme for every command.
+EXIT_OK = 0        # everything asked for was done
+EXIT_FAILED = 1    # some inputs failed while running; the others were written
+EXIT_USAGE = 2     # nothing was run: bad arguments, inputs, model or device
+EXIT_STATUS_EPILOG = """\
+exit status:
+  0  everything asked for was done
+  1  some inputs failed while running (unreadable image, out of memory, a result with NaN or
+     Inf values): each is reported, the others were written
+  2  nothing was run: bad arguments, a missing input or output folder, a model that cannot be
+     loaded, an unknown or unavailable device
+"""
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class UsageError(Exception):
+    """Something the user asked for cannot be done as given; the message says what to change.
+    Raised before anything is written; the command exits with EXIT_USAGE."""
 
 
 def _collect_inputs(paths: list[str]) -> list[Path]:
     """Image files named directly, plus the images directly inside named folders (sorted)."""
+    from .images import IMAGE_SUFFIXES
+
     files = []
     for name in paths:
         path = Path(name)
         if path.is_dir():
             found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
             if not found:
-                raise SystemExit(f"sr3fast: folder {name!r} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+                raise UsageError(f"folder {name!r} holds no images ({', '.join(IMAGE_SUFFIXES)})")
             files.extend(found)
         elif path.is_file():
             files.append(path)
         else:
-            raise SystemExit(f"sr3fast: input {name!r} does not exist")
+            raise UsageError(f"input {name!r} does not exist")
     return files
 
 
-def _output_paths(inputs: list[Path], output: str) -> list[Path]:
-    """One output path per input. OUT is a file when one input is given and OUT has an image
-    suffix; otherwise a folder (created if its parent exists) receiving <stem>.png per input."""
+def _output_paths(inputs: list[Path], output: str) -> tuple[list[Path], Path | None]:
+    """One output path per input, and the folder to create before writing them (None if there
+    is none to create). OUT is a file when one input is given and OUT has an image suffix;
+    otherwise a folder (created if its parent exists) receiving <stem>.png per input.
+    Creates nothing: the folder is made only when the first image is ready to be written."""
+    from .images import IMAGE_SUFFIXES
+
     out = Path(output)
     if len(inputs) == 1 and out.suffix.lower() in IMAGE_SUFFIXES:
         if not out.parent.is_dir():
-            raise SystemExit(f"sr3fast: output folder {str(out.parent)!r} does not exist")
-        return [out]
+            raise UsageError(f"output folder {str(out.parent)!r} does not exist")
+        return [out], None
     if out.suffix.lower() in IMAGE_SUFFIXES:
-        raise SystemExit(f"sr3fast: {len(inputs)} inputs need an output folder, not the file {output!r}")
-    if not out.is_dir():
-        if not out.parent.is_dir():
-            raise SystemExit(f"sr3fast: cannot create output folder {output!r}: "
-                             f"{str(out.parent)!r} does not exist")
-        out.mkdir()
+        raise UsageError(f"{len(inputs)} inputs need an output folder, not the file {output!r}")
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"output {output!r} is a file; name a folder for {len(inputs)} images")
+    if not out.is_dir() and not out.parent.is_dir():
+        raise UsageError(f"cannot create output folder {output!r}: {str(out.parent)!r} does not exist")
     targets = [out / f"{path.stem}.png" for path in inputs]
     if len(set(targets)) != len(targets):
-        raise SystemExit("sr3fast: two inputs share a file name stem; upscale them into separate folders")
-    return targets
+        raise UsageError("two inputs share a file name stem; upscale them into separate folders")
+    return targets, None if out.is_dir() else out
+
+
+def _device(name: str | None):
+    """The torch.device --device names, checked to exist on this machine (None stays None)."""
+    if name is None:
+        return None
+    import torch
+
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise UsageError(f"--device {name!r} is not a device name; use cpu, cuda or cuda:N "
+                         "(N: the GPU's index)") from None
+    if device.type == "cpu":
+        return device
+    module = getattr(torch, device.type, None)          # torch.cuda, torch.mps, torch.xpu, ...
+    if module is None or not hasattr(module, "is_available") or not module.is_available():
+        no_cuda = device.type == "cuda" and not torch.version.cuda
+        raise UsageError(f"--device {name}: no {device.type} device is available on this machine"
+                         f"{' (this torch was built without CUDA)' if no_cuda else ''}; use --device cpu")
+    count = module.device_count() if hasattr(module, "device_count") else 1
+    if device.index is not None and device.index >= count:
+        raise UsageError(f"--device {name}: this machine has {count} {device.type} device(s), "
+                         f"{device.type}:0 to {device.type}:{count - 1}")
+    return device
+
+
+def _dtype(name: str | None, device):
+    """The precision to run in: --dtype, else float32 on the CPU (half precision is slow there,
+    when it runs at all) and the checkpoint's own elsewhere (None)."""
+    import torch
+
+    if name is not None:
+        return getattr(torch, name)
+    return torch.float32 if device is None or device.type == "cpu" else None
+
+
+def _load_model(name: str, **options):
+    """api.load(name, **options), with any failure as a UsageError that says what to pass."""
+    from . import api
+
+    try:
+        return api.load(name, **options)
+    except Exception as err:
+        what = "the default model (no --model given)" if name == api.DEFAULT_MODEL else f"model {name!r}"
+        reason = str(err) if isinstance(err, (ValueError, OSError)) else f"{type(err).__name__}: {err}"
+        raise UsageError(f"cannot load {what}: {reason}. Pass --model with an sr3fast checkpoint, the "
+                         "--out folder of `sr3fast train`, or a preset name (`sr3fast presets` lists "
+                         "them)") from None
+
+
+def _out_of_memory(err: BaseException) -> bool:
+    import torch
+
+    text = str(err)
+    return isinstance(err, torch.OutOfMemoryError) or (
+        isinstance(err, RuntimeError) and ("out of memory" in text or "can't allocate memory" in text))
+
+
+def _upscale_failure(err: BaseException, source: Path, device) -> str | None:
+    """What to tell the user when upscaling `source` failed in a way that concerns this input
+    only; None for anything else (a bug: its traceback is worth seeing)."""
+    if _out_of_memory(err):
+        where = device if device is not None else "cpu"
+        return (f"out of memory upscaling {str(source)!r} on {where}: use a smaller image (or crop it "
+                "into pieces), or a device with more memory")
+    if isinstance(err, (ValueError, FloatingPointError, OSError)):
+        return f"cannot upscale {str(source)!r}: {err}"
+    return None
 
 
 def cmd_upscale(args) -> int:
-    import sr3fast
+    from . import api
     from .images import save_image_atomic
 
     if args.steps is not None and args.steps < 1:
-        raise SystemExit(f"sr3fast: --steps must be at least 1, got {args.steps}")
+        raise UsageError(f"--steps must be at least 1, got {args.steps}")
     inputs = _collect_inputs(args.inputs)
-    outputs = _output_paths(inputs, args.output)
-    model = sr3fast.load(args.model, config=args.config, device=args.device)
+    outputs, folder = _output_paths(inputs, args.output)
+    device = _device(args.device)
+    model = _load_model(args.model, config=args.config, device=device, dtype=_dtype(args.dtype, device),
+                        seed=args.seed)
+    try:       # the checks upscale makes, before anything is written
+        api._settings(model, args.sampler, args.steps, None, args.eta)
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    failed = 0
     for index, (source, target) in enumerate(zip(inputs, outputs)):
-        image = sr3fast.upscale(source, model=model, steps=args.steps, sampler=args.sampler,
+        try:
+            image = api.upscale(source, model=model, steps=args.steps, sampler=args.sampler, eta=args.eta,
                                 seed=None if args.seed is None else args.seed + index,
                                 progress=not args.quiet, loop=args.loop, package=args.package)
-        save_image_atomic(image, target)
+            if folder is not None:
+                folder.mkdir(exist_ok=True)
+            save_image_atomic(image, target)
+        except Exception as err:
+            message = _upscale_failure(err, source, device)
+            if message is None:
+                raise
+            print(f"sr3fast upscale: error: {message}", file=sys.stderr)
+            failed += 1
+            continue
         print(f"{source} -> {target} ({image.width}x{image.height})")
-    return 0
+    if failed:
+        print(f"sr3fast upscale: {failed} of {len(inputs)} inputs failed", file=sys.stderr)
+    return EXIT_FAILED if failed else EXIT_OK
 
 
 def cmd_eval(args) -> int:
@@ -76,13 +193,7 @@ def cmd_eval(args) -> int:
         check_output_path(args.grid, image=True)
     paths = find_images(args.inputs)
     name = args.model if args.model is not None else api.DEFAULT_MODEL
-    try:
-        model = api.load(name, device=args.device)
-    except Exception as err:
-        what = "the default model (no --model given)" if args.model is None else f"model {name!r}"
-        reason = str(err) if isinstance(err, (ValueError, OSError)) else f"{type(err).__name__}: {err}"
-        raise ValueError(f"cannot load {what}: {reason}. Pass --model with an sr3fast checkpoint or a "
-                         "preset name (`sr3fast presets` lists them)") from None
+    model = _load_model(name, device=_device(args.device))
     report = evaluate_images(model, paths, steps=args.steps, sampler=args.sampler, seed=args.seed,
                              progress=not args.quiet, keep_images=bool(args.grid), model_name=name)
     print(report.table())
@@ -117,8 +228,6 @@ def _size(text: str) -> tuple[int, int]:
     return values * 2 if len(values) == 1 else values
 
 
-DTYPES = ("float32", "bfloat16", "float16")
-
 
 def cmd_export(args) -> int:
     import time
@@ -128,10 +237,11 @@ def cmd_export(args) -> int:
     import sr3fast
     from .export import export
 
-    model = sr3fast.load(args.model, config=args.config)
+    device = _device(args.device)
+    model = _load_model(args.model, config=args.config)
     started = time.perf_counter()
     with sr3fast.backend(args.backend):
-        path = export(model, args.output, batch=args.batch, size=args.size, device=args.device,
+        path = export(model, args.output, batch=args.batch, size=args.size, device=device,
                       dtype=getattr(torch, args.dtype) if args.dtype else None)
     size = f"{path.stat().st_size / 2**20:.1f} MiB"
     print(f"wrote {path} ({size}, compiled in {time.perf_counter() - started:.0f} s)")
@@ -154,10 +264,14 @@ def cmd_backends(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sr3fast", description="Fast SR3 diffusion super-resolution")
+    parser = argparse.ArgumentParser(prog="sr3fast", description="Fast SR3 diffusion super-resolution",
+                                     epilog=EXIT_STATUS_EPILOG,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"sr3fast {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    up = commands.add_parser("upscale", help="super-resolve images")
+    up = commands.add_parser("upscale", help="super-resolve images", epilog=EXIT_STATUS_EPILOG,
+                             formatter_class=argparse.RawDescriptionHelpFormatter)
     up.add_argument("inputs", nargs="+", help="image files or folders of images")
     up.add_argument("-o", "--output", required=True,
                     help="output image (one input) or folder (written as <name>.png)")
@@ -170,8 +284,16 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--sampler", choices=("posterior", "sr3", "ddim"), default=None,
                     help="default: the model's recommended, else posterior for public checkpoints, "
                          "sr3 for paper models")
-    up.add_argument("--seed", type=int, default=None, help="seed for reproducible samples")
-    up.add_argument("--device", default=None, help="e.g. cuda, cpu (default: where the model loads)")
+    up.add_argument("--eta", type=float, default=None,
+                    help="DDIM's noise scale, with --sampler ddim only: 0 deterministic (default), "
+                         "1 the posterior variance")
+    up.add_argument("--seed", type=int, default=None,
+                    help="seed for reproducible samples (image i gets seed + i); with a preset name as "
+                         "--model, also the seed of its random weights")
+    up.add_argument("--device", default=None, help="e.g. cuda, cuda:1, cpu (default cpu)")
+    up.add_argument("--dtype", choices=DTYPES, default=None,
+                    help="precision of the weights and sampling (default: float32 on cpu, the "
+                         "checkpoint's elsewhere); a --package needs the dtype it was exported with")
     up.add_argument("--loop", choices=("python", "cpp", "graph"), default="python",
                     help="where the sampling steps run: python, cpp (C++), graph (CUDA graph)")
     up.add_argument("--package", help="the U-Net compiled by `sr3fast export` for these images' size")
@@ -235,12 +357,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command line; returns the exit status (EXIT_STATUS_EPILOG). Errors a user can
+    cause are printed as one line, never as a traceback."""
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except (ValueError, FileNotFoundError, IsADirectoryError) as err:
+    except (UsageError, ValueError, FileNotFoundError, IsADirectoryError) as err:
         print(f"sr3fast {args.command}: error: {err}", file=sys.stderr)
-        return 2
+        return EXIT_USAGE
+    except RuntimeError as err:
+        if not _out_of_memory(err):
+            raise
+        print(f"sr3fast {args.command}: error: out of memory ({str(err).splitlines()[0]}); use smaller "
+              "images or a smaller batch, or a device with more memory", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        print(f"sr3fast {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
