@@ -505,3 +505,165 @@ def test_sampler_interface(public_schedule, capsys):
         sample_ddim(model, x, schedule, eta=1.5)
     with pytest.raises(TypeError, match="NoiseSchedule.from_config"):
         sample_sr3(model, x, PUBLIC_CONFIG)
+
+
+# ----------------------------------------------------------------------------- the chain, in order
+
+def expected_step(sampler: str, g: float, g_prev: float, eta: float = 0.0) -> tuple[float, ...]:
+    """(a, b, m0, m1, sigma) of the step from level g = g_t down to g_prev = g_{t-1} (1 at t = 1),
+    from the samplers' formulas in float64 (written out independently of coefficients.py):
+    x0 = a·y - b·eps = y/sqrt(g) - sqrt(1/g - 1)·eps for all three, then
+
+      sr3, posterior  mean = sqrt(g_prev)·beta/(1 - g)·x0 + sqrt(alpha)(1 - g_prev)/(1 - g)·y
+                      (Algorithm 2's mean with eps written through x0), alpha = g/g_prev;
+                      sigma = sqrt(beta) (sr3) or sqrt((1 - g_prev)·beta/(1 - g)) (posterior)
+      ddim            y' = sqrt(g_prev)·x0 + c·eps, eps = (y - sqrt(g)·x0)/sqrt(1 - g),
+                      c = sqrt(1 - g_prev - sigma²), sigma = eta·sqrt((1 - g_prev)/(1 - g)·(1 - g/g_prev))
+
+    and sigma = 0 on the last step (t = 1: z = 0)."""
+    a, b = 1 / math.sqrt(g), math.sqrt(1 / g - 1)
+    alpha = g / g_prev
+    beta = 1 - alpha
+    if sampler in ("sr3", "posterior"):
+        m0 = math.sqrt(g_prev) * beta / (1 - g)
+        m1 = math.sqrt(alpha) * (1 - g_prev) / (1 - g)
+        sigma = math.sqrt(beta) if sampler == "sr3" else math.sqrt((1 - g_prev) * beta / (1 - g))
+    else:
+        sigma = eta * math.sqrt((1 - g_prev) / (1 - g) * (1 - g / g_prev))
+        c = math.sqrt(max(1 - g_prev - sigma ** 2, 0.0))
+        m0 = math.sqrt(g_prev) - c * math.sqrt(g) / math.sqrt(1 - g)
+        m1 = c / math.sqrt(1 - g)
+    return a, b, m0, m1, (sigma if g_prev < 1 else 0.0)
+
+
+def independent_chain(sampler: str, model, x: torch.Tensor, levels: list[float], y_T: torch.Tensor,
+                      noises: list[torch.Tensor], eta: float, clip: float | None) -> torch.Tensor:
+    """The whole reverse chain in float64 from the paper's and the public code's formulas, t = T
+    down to 1 over `levels` (g_1..g_T), with the given starting noise and per-step z: no table,
+    no reverse_step, nothing of sr3fast.diffusion."""
+    y, x = y_T.double(), x.double()
+    for i, t in enumerate(range(len(levels), 0, -1)):
+        g, g_prev = levels[t - 1], (levels[t - 2] if t > 1 else 1.0)
+        alpha = g / g_prev
+        beta = 1 - alpha
+        eps = model.predict_noise(x, y, torch.full((x.shape[0],), g, dtype=torch.float64))
+        z = noises[i].double() if t > 1 else torch.zeros_like(y)
+        if sampler == "sr3":      # Algorithm 2
+            y = (y - beta / math.sqrt(1 - g) * eps) / math.sqrt(alpha) + math.sqrt(beta) * z
+            continue
+        x0 = y / math.sqrt(g) - math.sqrt(1 / g - 1) * eps
+        if clip is not None:
+            x0 = x0.clamp(-clip, clip)
+        if sampler == "posterior":  # the public code's p_sample
+            mean = (math.sqrt(g_prev) * beta / (1 - g) * x0
+                    + math.sqrt(alpha) * (1 - g_prev) / (1 - g) * y)
+            y = mean + math.sqrt((1 - g_prev) * beta / (1 - g)) * z
+        else:                       # DDIM, Song et al. eq. 12
+            sigma = eta * math.sqrt((1 - g_prev) / (1 - g) * (1 - g / g_prev))
+            eps_x0 = (y - math.sqrt(g) * x0) / math.sqrt(1 - g)
+            y = math.sqrt(g_prev) * x0 + math.sqrt(max(1 - g_prev - sigma ** 2, 0.0)) * eps_x0 + sigma * z
+    return y
+
+
+class ImperfectOracle(nn.Module):
+    """A denoiser that behaves like a trained one: its clean-image estimate is a known y_0 plus a
+    trajectory-dependent error, x0_hat = y_0 + s·conv([x, y_t]), and it returns the noise that
+    estimate implies, eps = (y_t - sqrt(g)·x0_hat)/sqrt(1 - g). The chain then stays image-like
+    (a random network makes it blow up by 1/sqrt(g_T)), yet, unlike NoiseOracle's, its end
+    depends on the whole trajectory: every step's x0 is off y_0 by s·conv of that step's state.
+    Computed in float64 at the float64 level the float32 gamma names (1 - g in float32 is coarse
+    near g = 1), then returned in y_t's dtype.
+
+    The sampler's x0 = a·y_t - b·eps is then x0_hat exactly, Lipschitz in y_t with constant s·L
+    in the max norm, L the largest sum of absolute conv weights over y_t's channels."""
+
+    def __init__(self, y0: torch.Tensor, schedule: NoiseSchedule, s: float = 0.1, seed: int = 3):
+        super().__init__()
+        self.y0, self.levels, self.s = y0.double(), schedule.gammas, s
+        self.conv = nn.Conv2d(6, 3, 3, padding=1).double()
+        generator = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in self.conv.parameters():
+                p.copy_(0.2 * torch.randn(p.shape, generator=generator))
+
+    def predict_noise(self, x, y_t, gamma):
+        g = self.levels[(self.levels - gamma[0].double()).abs().argmin()]
+        y = y_t.double()
+        x0_hat = self.y0 + self.s * self.conv(torch.cat([x.double(), y], 1))
+        return ((y - g.sqrt() * x0_hat) / (1 - g).sqrt()).to(y_t.dtype)
+
+    def x0_lipschitz(self) -> float:
+        return self.s * self.conv.weight[:, 3:].abs().sum(dim=(1, 2, 3)).max().item()
+
+
+CHAIN_CASES = [("sr3", 0.0), ("posterior", 0.0), ("ddim", 0.0), ("ddim", 0.5)]
+
+
+@pytest.mark.parametrize("sampler, eta", CHAIN_CASES, ids=["sr3", "posterior", "ddim", "ddim-eta0.5"])
+def test_the_chain_runs_every_step_in_order(public_schedule, sampler, eta, monkeypatch):
+    """A full sampling run, recorded step by step, against the schedule read from T down to 1:
+    step i must tell the model g_{T-i} (exactly its float32 value), run the coefficients of step
+    t = T - i (expected_step), start from the previous step's output (from y_T, drawn first from
+    the generator) and add the generator's next draw as z. Then the whole chain against
+    `independent_chain`, the same run in float64 with the same noise.
+
+    Chain tolerance, propagated rather than guessed: a float32 step from a state off by e lands
+    off by at most K·e + r, where K = |m0|·Lip(x0) + |m1| (ImperfectOracle.x0_lipschitz; clamping
+    is 1-Lipschitz) and r is the step's own rounding (step_bound) plus |m0·b| times
+    the model's float32 error at that state (against its float64 evaluation). A run in the wrong
+    order, or with a wrong table row, is off by the size of the image."""
+    schedule = respace(public_schedule, 50)
+    steps = len(schedule)
+    levels = schedule.gammas.tolist()                   # g_1 .. g_T, float64
+    x = images(1)
+    model = ImperfectOracle(images(5), schedule)
+    clip = {"sr3": None, "posterior": 1.0, "ddim": None}[sampler]
+    recorded, told = [], []
+
+    def recording_step(y_t, eps, coefs, noise=None, clip=None, generator=None):
+        out = reference.reverse_step(y_t, eps, coefs, noise, clip, generator)
+        recorded.append((y_t.clone(), eps.clone(), coefs.clone(), noise.clone(), out.clone()))
+        return out
+
+    class Telling:
+        def predict_noise(self, x, y_t, gamma):
+            told.append(gamma.clone())
+            return model.predict_noise(x, y_t, gamma)
+
+    monkeypatch.setattr(ops, "reverse_step", recording_step)
+    kwargs = {"eta": eta} if sampler == "ddim" else {}
+    result = sample(sampler, Telling(), x, schedule, generator=torch.Generator().manual_seed(4), **kwargs)
+
+    draws = torch.Generator().manual_seed(4)
+    y_T = torch.randn(x.shape, generator=draws)
+    stochastic = sampler != "ddim" or eta > 0
+    assert len(recorded) == len(told) == steps
+    noises, error = [], 0.0
+    for i, ((y_t, eps, coefs, z, out), gamma) in enumerate(zip(recorded, told)):
+        t = steps - i
+        g, g_prev = levels[t - 1], (levels[t - 2] if t > 1 else 1.0)
+        assert torch.equal(gamma, torch.full_like(gamma, g)), f"step {i} told the model {gamma.tolist()}, not g_{t} = {g}"
+        want = torch.tensor(expected_step(sampler, g, g_prev, eta), dtype=torch.float64)
+        # each coefficient rounded to float32 once, from float64 formulas that may cancel (m0 of
+        # DDIM is a difference of terms up to a + 1): a few float32 units of those terms
+        a, b, m0, m1, sigma = (abs(c) for c in want.tolist())
+        scale = torch.tensor([a, b, m0 + m1 * (1 + math.sqrt(g)) + 1, m1 + 1, sigma + 1], dtype=torch.float64)
+        assert ((coefs.double() - want).abs() <= 4 * EPS32 * scale).all(), \
+            f"step {i} (t = {t}) ran coefficients {coefs[0].tolist()}, not {want.tolist()}"
+        previous = y_T if i == 0 else recorded[i - 1][4]
+        assert torch.equal(y_t, previous), f"step {i} did not start from step {i - 1}'s output"
+        fresh = torch.randn(x.shape, generator=draws) if stochastic and t > 1 else torch.zeros_like(y_T)
+        assert torch.equal(z, fresh), f"step {i}: not the generator's next draw"
+        noises.append(fresh)
+        exact_eps = model.predict_noise(x, y_t.double(), torch.full((x.shape[0],), g, dtype=torch.float64))
+        model_error = (eps.double() - exact_eps).abs().max().item()
+        rounding = step_bound(coefs, y_t, eps, z).max().item() + m0 * b * model_error
+        error = (m0 * model.x0_lipschitz() + m1) * error + rounding
+    assert torch.equal(result, recorded[-1][4])
+
+    exact = independent_chain(sampler, model, x, levels, y_T, noises, eta, clip)
+    difference = (result.double() - exact).abs().max().item()
+    moved = (exact - model.y0).abs().max().item()
+    print(f"{sampler} eta={eta}: chain vs independent float64 loop {difference:.3e} (bound {error:.3e}); "
+          f"the result is {moved:.2f} from y_0, the trajectory matters")
+    assert difference <= error
