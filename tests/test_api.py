@@ -254,15 +254,44 @@ def test_upscale_is_reproducible_for_a_seed(tiny):
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
-def test_sizes_the_unet_cannot_take_are_padded_and_cropped_back():
-    model = sr3fast.load("small")             # three levels: sizes must be multiples of 4
-    x = torch.rand(1, 3, 3, 5)                # -> 12 x 20 at 4x, padded to 12 x 20 ... and odd
-    out = sr3fast.upscale(x, model=model, steps=1, seed=0, progress=False)
-    factor = model.config.high_res // model.config.low_res
-    assert out.shape == (1, 3, 3 * factor, 5 * factor)
-    odd = sr3fast.upscale(torch.rand(1, 3, 1, 1), model=sr3fast.load("tiny"), steps=1, seed=0,
-                          progress=False)
-    assert odd.shape[-2:] == (4, 4)
+def _deep_4x_model():
+    """A 4x model whose U-Net halves the resolution three times: sizes must be multiples of 8,
+    which 4x outputs (multiples of 4) often are not, so upscale has to pad."""
+    from sr3fast.model import SR3, SR3Config, UNetConfig
+
+    torch.manual_seed(0)
+    unet = UNetConfig(variant="public", inner_channel=8, channel_mults=(1, 1, 2, 2), attn_res=(),
+                      res_blocks=1, norm_groups=4, image_size=32)
+    return SR3(SR3Config(unet, dict(SCHEDULE), 8, 32)).eval()
+
+
+@pytest.mark.parametrize("height, width, mode", [(3, 5, "reflect"), (1, 1, "replicate")])
+def test_sizes_the_unet_cannot_take_are_padded_and_cropped_back(height, width, mode):
+    """upscale of an image whose output size the U-Net cannot take (12 x 20 and 4 x 4 for a
+    multiple of 8) equals sampling the condition padded by hand to the next multiple (reflection;
+    replication where the pad is not smaller than the side) and cropping the result back, for
+    the same seed: the noise is drawn at the padded size, and the crop keeps the top-left."""
+    import torch.nn.functional as F
+
+    from sr3fast.diffusion import NoiseSchedule, respace, sample
+
+    model = _deep_4x_model()
+    multiple, factor = model.size_multiple, model.config.high_res // model.config.low_res
+    out_h, out_w = height * factor, width * factor
+    assert multiple == 8 and (out_h % multiple or out_w % multiple)   # padding is needed
+    x = torch.rand(1, 3, height, width, generator=torch.Generator().manual_seed(2))
+    got = sr3fast.upscale(x, model=model, steps=3, sampler="sr3", seed=5, progress=False)
+
+    condition = F.interpolate(x * 2 - 1, size=(out_h, out_w), mode="bicubic", align_corners=False,
+                              antialias=True).clamp(-1, 1)
+    padded = F.pad(condition, (0, -out_w % multiple, 0, -out_h % multiple), mode=mode)
+    assert padded.shape[-2:] == (-(-out_h // multiple) * multiple, -(-out_w // multiple) * multiple)
+    schedule = respace(NoiseSchedule.from_config(model.config.schedule), 3)
+    with torch.no_grad():
+        y = sample("sr3", model, padded, schedule, generator=torch.Generator().manual_seed(5))
+    want = ((y[..., :out_h, :out_w] + 1) / 2).clamp(0, 1)
+    assert got.shape == (1, 3, out_h, out_w)
+    torch.testing.assert_close(got, want, rtol=0, atol=0)
 
 
 @pytest.mark.cuda
@@ -353,17 +382,48 @@ def test_cli_upscales_a_folder_into_a_folder(photo, tmp_path):
     assert sorted(os.listdir(out)) == ["astronaut.png", "second.png"]
 
 
+def _refused(argv, capsys, match: str) -> None:
+    """The command refuses `argv` without a traceback: a non-zero exit (a returned status or
+    SystemExit) with a message matching `match`."""
+    import re
+
+    try:
+        status, message = cli(argv), ""
+    except SystemExit as exit:
+        status, message = exit.code, str(exit.code)
+    message += capsys.readouterr().err
+    assert status not in (0, None), f"{argv} was not refused"
+    assert re.search(match, message), f"{argv}: {message!r} does not say {match!r}"
+
+
 def test_cli_bad_inputs_write_nothing(photo, tmp_path, capsys):
-    missing = tmp_path / "no" / "such" / "out.png"
-    with pytest.raises(SystemExit, match="does not exist"):
-        cli(["upscale", str(photo), "-o", str(missing), "--model", "tiny"])
-    with pytest.raises(SystemExit, match="does not exist"):
-        cli(["upscale", str(tmp_path / "absent.png"), "-o", str(tmp_path / "o.png"), "--model", "tiny"])
-    with pytest.raises(SystemExit, match="--steps"):
-        cli(["upscale", str(photo), "-o", str(tmp_path / "o.png"), "--model", "tiny", "--steps", "0"])
-    assert cli(["upscale", str(photo), "-o", str(tmp_path / "o.png"), "--model", "nope"]) == 2
-    assert "preset" in capsys.readouterr().err
+    _refused(["upscale", str(photo), "-o", str(tmp_path / "no" / "such" / "out.png"), "--model", "tiny"],
+             capsys, "does not exist")
+    _refused(["upscale", str(tmp_path / "absent.png"), "-o", str(tmp_path / "o.png"), "--model", "tiny"],
+             capsys, "does not exist")
+    _refused(["upscale", str(photo), "-o", str(tmp_path / "o.png"), "--model", "tiny", "--steps", "0"],
+             capsys, "--steps")
+    _refused(["upscale", str(photo), "-o", str(tmp_path / "o.png"), "--model", "nope"], capsys, "preset")
     assert sorted(os.listdir(tmp_path)) == ["astronaut.png"]
+
+
+def test_cli_bad_inputs_for_a_folder_write_nothing(photo, tmp_path, capsys):
+    """The same refusals when the output is a folder (a folder of images in, or -o naming a
+    folder that does not exist yet): no folder is created, nothing is written."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    photo.rename(photos / "astronaut.png")
+    Image.open(photos / "astronaut.png").save(photos / "second.png")
+    out = tmp_path / "results"
+    _refused(["upscale", str(photos), "-o", str(tmp_path / "no" / "such" / "results"), "--model", "tiny"],
+             capsys, "does not exist")
+    _refused(["upscale", str(tmp_path / "absent"), "-o", str(out), "--model", "tiny"], capsys, "does not exist")
+    _refused(["upscale", str(photos), "-o", str(out), "--model", "tiny", "--steps", "0"], capsys, "--steps")
+    _refused(["upscale", str(photos), "-o", str(out), "--model", "nope"], capsys, "preset")
+    _refused(["upscale", str(photos / "astronaut.png"), str(photos / "second.png"), "-o", str(out),
+              "--model", "nope"], capsys, "preset")     # several files in: -o is a folder
+    assert sorted(os.listdir(tmp_path)) == ["photos"]
+    assert sorted(os.listdir(photos)) == ["astronaut.png", "second.png"]
 
 
 def test_cli_lists_presets_and_backends(capsys):
