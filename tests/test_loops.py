@@ -374,6 +374,23 @@ def test_cli_upscale_with_loop_and_package(package, tmp_path):
     assert np.array_equal(outputs["python"], outputs["cpp"])
 
 
+def test_cli_upscale_with_a_package_in_a_fresh_process(package, tmp_path):
+    """What a user runs: `sr3fast upscale ... --package p.pt2` with the default Python loop, in a
+    new process where nothing has imported the extension yet (it failed with "Could not find
+    schema for sr3fast::conv2d"). With --model the package is checked against the model."""
+    from PIL import Image
+
+    checkpoint, path = package
+    Image.fromarray((np.random.default_rng(1).random((4, 4, 3)) * 255).astype(np.uint8)).save(tmp_path / "in.png")
+    out = tmp_path / "out.png"
+    result = subprocess.run([sys.executable, "-m", "sr3fast", "upscale", str(tmp_path / "in.png"), "-o", str(out),
+                             "--model", str(checkpoint), "--steps", "2", "--seed", "0", "-q",
+                             "--package", str(path), "--device", DEVICE.type],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert Image.open(out).size == (16, 16)
+
+
 def test_unknown_loop_is_refused(tiny):
     with pytest.raises(ValueError, match="loop must be one of"):
         _sample(tiny, "sr3", {}, "rust")
