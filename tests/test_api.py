@@ -339,8 +339,14 @@ def test_steps_must_be_a_positive_integer(tiny, steps):
         sr3fast.upscale(torch.rand(1, 3, 4, 4), model=tiny, steps=steps)
 
 
-def test_upscale_without_a_model_says_how_to_get_one():
-    with pytest.raises(ValueError, match="sr3fast.load"):
+def test_upscale_without_a_model_says_how_to_get_one(tmp_path, monkeypatch):
+    """Without a model, upscale uses the default model; where an installation lacks its weights,
+    the error says so and how to get them (tests/test_default_model.py runs the model itself)."""
+    from sr3fast import api
+
+    monkeypatch.setattr(api, "DEFAULT_WEIGHTS", tmp_path / "default-4x.safetensors")
+    monkeypatch.setattr(api, "_DEFAULT_MODELS", {})
+    with pytest.raises(FileNotFoundError, match="default model's weights are missing.*reinstall"):
         sr3fast.upscale(torch.rand(1, 3, 4, 4))
 
 
