@@ -158,6 +158,9 @@ def test_stored_betas_that_disagree_with_the_config_are_reported(tmp_path):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         public_sr3.read_public_model(mismatched, both)
+    # and sr3fast.load says it too
+    with pytest.warns(public_sr3.ScheduleMismatchWarning, match="sr3fast uses the config's"):
+        sr3fast.load(mismatched, config=config)
 
 
 def test_checkpoint_of_another_architecture_lists_the_mismatches(tmp_path):
