@@ -132,14 +132,12 @@ def _load_sr3fast(path: Path, config):
 
 def _load_public(path: Path, config):
     from .compat import public_sr3
-    from .model import SR3Config
 
     if config is None:
         raise ValueError(f"{str(path)!r} is not an sr3fast checkpoint; if it is a *_gen.pth of the public "
                          "SR3 code, pass the JSON config it was trained with: "
                          "sr3fast.load(path, config='config/sr_sr3_16_128.json')")
-    sr3_config = config if isinstance(config, SR3Config) else public_sr3.sr3_config_from_public(config)
-    state = public_sr3.to_sr3fast_state(public_sr3.read_public_checkpoint(path))
+    sr3_config, state = public_sr3.read_public_model(path, config)   # warns on a schedule mismatch
     hint = ("Pass the JSON config this checkpoint was trained with (unet.inner_channel, "
             "channel_multiplier, res_blocks, attn_res, norm_groups — 32 when absent — and "
             "diffusion.image_size, which places the attention layers).")
@@ -233,6 +231,9 @@ def upscale(x, model=None, *, steps: int | None = None, sampler: str | None = No
     generator = torch.Generator(device=device)
     generator.manual_seed(seed if seed is not None else int(torch.randint(2**62, ()).item()))
 
+    if package is not None:        # opened here: the sampling loops read no files
+        from .export import open_package
+        package = open_package(package, model=model)
     result = sample(sampler, model, condition.to(dtype), schedule, **options,
                     generator=generator, noise=noise, progress=progress, loop=loop, package=package)
     result = result[..., :height, :width].float()
