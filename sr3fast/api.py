@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from .checkpoint import CheckpointError, check_state_dict, read_checkpoint, save_checkpoint
 from .images import from_unit_batch, to_unit_batch
-from .inference_settings import InferenceSettings
+from .inference_settings import InferenceSettings, check_start_gamma
 
 # The default model: trained by scripts/train_default.sh, shipped inside the package
 # (docs/model-card.md). Its SHA-256 is recorded beside it.
@@ -170,7 +170,7 @@ def _default_sampler(model) -> str:
 @torch.no_grad()
 def upscale(x, model=None, *, steps: int | None = None, sampler: str | None = None, seed: int | None = None,
             eta: float | None = None, progress: bool = True, noise: str = "torch", schedule=None,
-            loop: str = "python", package=None):
+            loop: str = "python", package=None, start_gamma: float | None = None):
     """Super-resolve `x` with SR3 (Algorithm 2 of the paper, or the sampler named).
 
     x: float tensor (B, 3, h, w) in [0, 1], uint8 tensor, PIL image, or image path. Returns the
@@ -191,6 +191,12 @@ def upscale(x, model=None, *, steps: int | None = None, sampler: str | None = No
     takes its random weights from it. eta: DDIM's noise scale, for sampler 'ddim' only (0, its
     default: deterministic; 1: the posterior variance).
 
+    start_gamma: start the reverse chain at noise level g = start_gamma from the condition
+    noised to it, y_T = sqrt(g_T) x + sqrt(1 - g_T) z, over the training schedule truncated there
+    (sr3fast.diffusion.truncate; SDEdit, Meng et al. 2022; Chung et al. 2022), instead of from
+    pure noise: the low frequencies come from the input, and fewer steps suffice. None: the
+    model's recommended (the default model has one), else pure noise; 0: pure noise.
+
     loop: where the sampling steps run, 'python', 'cpp' (C++, sr3fast._C) or 'graph' (one CUDA
     graph launch per step); the same seed gives the same image in each (see
     sr3fast.diffusion.loops). package: a path from `sr3fast export`, the U-Net compiled ahead of
@@ -199,7 +205,7 @@ def upscale(x, model=None, *, steps: int | None = None, sampler: str | None = No
     Raises FloatingPointError when the sampled image holds NaN or Inf (non-finite weights, or a
     precision too narrow for the model) rather than return it.
     """
-    from .diffusion import NoiseSchedule, respace, sample
+    from .diffusion import NoiseSchedule, respace, sample, truncate
 
     if model is None:
         model = _default_model()
@@ -209,7 +215,7 @@ def upscale(x, model=None, *, steps: int | None = None, sampler: str | None = No
         raise ValueError(f"this model was trained as the paper's {model.objective} baseline: it predicts "
                          "the image in one pass, not noise, so it cannot be sampled. Use "
                          "sr3fast.train.regression.predict(model, condition).")
-    sampler, steps, schedule = _settings(model, sampler, steps, schedule, eta)
+    sampler, steps, schedule, start_gamma = _settings(model, sampler, steps, schedule, eta, start_gamma)
     options = {} if eta is None else {"eta": eta}
     images, kind = to_unit_batch(x)
     parameter = next(model.parameters())
@@ -225,16 +231,24 @@ def upscale(x, model=None, *, steps: int | None = None, sampler: str | None = No
     condition = _pad_to_multiple(condition, model.size_multiple)
 
     if schedule is None:
-        schedule = respace(NoiseSchedule.from_config(config.schedule), steps)
+        schedule = NoiseSchedule.from_config(config.schedule)
+        if start_gamma:
+            schedule = truncate(schedule, start_gamma)
+        schedule = respace(schedule, steps)
     elif isinstance(schedule, dict):
         schedule = NoiseSchedule.from_config(schedule)
     generator = torch.Generator(device=device)
     generator.manual_seed(seed if seed is not None else int(torch.randint(2**62, ()).item()))
+    y_T = None
+    if start_gamma:   # y_T ~ q(y_T | y_0 = x): the condition noised to the chain's first level
+        g_T = schedule.gammas[-1].item()
+        noise_T = torch.randn(condition.shape, generator=generator, device=device)
+        y_T = g_T ** 0.5 * condition.float() + (1 - g_T) ** 0.5 * noise_T
 
     if package is not None:        # opened here: the sampling loops read no files
         from .export import open_package
         package = open_package(package, model=model)
-    result = sample(sampler, model, condition.to(dtype), schedule, **options,
+    result = sample(sampler, model, condition.to(dtype), schedule, **options, y_T=y_T,
                     generator=generator, noise=noise, progress=progress, loop=loop, package=package)
     result = result[..., :height, :width].float()
     if not torch.isfinite(result).all():        # once, after the last step: no sync per step
@@ -252,14 +266,21 @@ def _default_model():
     return _DEFAULT_MODELS["model"]
 
 
-def _settings(model, sampler, steps, schedule, eta=None):
-    """(sampler, steps, schedule) from the caller's, else the model's recommended, else the
-    defaults. A recommended schedule goes with its own step count: asking for other steps
-    respaces the training schedule instead. eta is checked against the sampler it would go to."""
+def _settings(model, sampler, steps, schedule, eta=None, start_gamma=None):
+    """(sampler, steps, schedule, start_gamma) from the caller's, else the model's recommended,
+    else the defaults. A recommended schedule goes with its own step count: asking for other
+    steps respaces the training schedule instead. A schedule of the caller's is used as given
+    (no recommended start_gamma). eta is checked against the sampler it would go to."""
     recommended = getattr(model, "inference_settings", None) or InferenceSettings()
     if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
-    if schedule is None and steps is None:
+    check_start_gamma(start_gamma)
+    if start_gamma and schedule is not None:
+        raise ValueError("pass schedule= or start_gamma=, not both: start_gamma truncates the "
+                         "model's training schedule")
+    if start_gamma is None and schedule is None:
+        start_gamma = recommended.start_gamma
+    if schedule is None and steps is None and not start_gamma:
         schedule = recommended.schedule
     steps = steps or recommended.steps or 100
     sampler = sampler or recommended.sampler or _default_sampler(model)
@@ -269,7 +290,7 @@ def _settings(model, sampler, steps, schedule, eta=None):
     if eta is not None and sampler != "ddim":
         raise ValueError(f"eta is DDIM's noise scale, but the sampler is {sampler!r}, which has none; "
                          "pass sampler='ddim' (--sampler ddim) to use eta, or drop eta")
-    return sampler, steps, schedule
+    return sampler, steps, schedule, start_gamma
 
 
 def _non_finite_message(model, dtype) -> str:

@@ -18,10 +18,14 @@ class InferenceSettings:
     """sampler: a name of sr3fast.diffusion.SAMPLERS, or None (by architecture).
     steps: sampling steps, or None (upscale's default).
     schedule: an inference noise-schedule dict (NoiseSchedule.from_config form) whose number of
-    steps is `steps`, or None: the model's training schedule respaced to `steps`."""
+    steps is `steps`, or None: the model's training schedule respaced to `steps`.
+    start_gamma: start from the condition noised to this level g instead of from pure noise (the
+    training schedule truncated there, sr3fast.diffusion.truncate; see sr3fast.upscale); None
+    or 0: from pure noise."""
     sampler: str | None = None
     steps: int | None = None
     schedule: dict | None = None
+    start_gamma: float | None = None
 
     def __post_init__(self):
         from .diffusion import SAMPLERS, NoiseSchedule
@@ -36,10 +40,14 @@ class InferenceSettings:
             if self.steps is not None and steps != self.steps:
                 raise ValueError(f"the recommended schedule has {steps} steps but steps={self.steps}")
             object.__setattr__(self, "steps", steps)
+        check_start_gamma(self.start_gamma)
+        if self.start_gamma and self.schedule is not None:
+            raise ValueError("give an inference schedule or start_gamma, not both (start_gamma "
+                             "truncates the training schedule)")
 
     def to_metadata(self) -> dict[str, str]:
         return {METADATA_KEY: json.dumps({"sampler": self.sampler, "steps": self.steps,
-                                          "schedule": self.schedule})}
+                                          "schedule": self.schedule, "start_gamma": self.start_gamma})}
 
     @classmethod
     def from_metadata(cls, metadata: dict[str, str]) -> "InferenceSettings | None":
@@ -47,4 +55,12 @@ class InferenceSettings:
         if METADATA_KEY not in metadata:
             return None
         data = json.loads(metadata[METADATA_KEY])
-        return cls(sampler=data.get("sampler"), steps=data.get("steps"), schedule=data.get("schedule"))
+        return cls(sampler=data.get("sampler"), steps=data.get("steps"), schedule=data.get("schedule"),
+                   start_gamma=data.get("start_gamma"))
+
+
+def check_start_gamma(start_gamma) -> None:
+    if start_gamma is not None and (isinstance(start_gamma, bool) or not isinstance(start_gamma, (int, float))
+                                    or not 0 <= start_gamma < 1):
+        raise ValueError(f"start_gamma must lie in [0, 1) (the noise level sampling starts from; 0: pure "
+                         f"noise), got {start_gamma!r}")

@@ -12,10 +12,10 @@ from .coefficients import CLIP, SAMPLER_NAMES, noise_levels, reverse_coefficient
 from .loops import LOOPS
 from .loss import diffusion_loss, sample_gamma
 from .samplers import SAMPLERS, sample, sample_ddim, sample_posterior, sample_sr3
-from .schedules import SCHEDULES, NoiseSchedule, make_betas, respace
+from .schedules import SCHEDULES, NoiseSchedule, make_betas, respace, truncate
 
 __all__ = [
     "CLIP", "LOOPS", "SAMPLERS", "SAMPLER_NAMES", "SCHEDULES", "NoiseSchedule", "diffusion_loss",
-    "make_betas", "noise_levels", "respace", "reverse_coefficients", "sample", "sample_ddim",
+    "make_betas", "noise_levels", "respace", "truncate", "reverse_coefficients", "sample", "sample_ddim",
     "sample_gamma", "sample_posterior", "sample_sr3",
 ]

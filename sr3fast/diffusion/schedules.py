@@ -229,3 +229,17 @@ def respace(schedule: NoiseSchedule, steps: int) -> NoiseSchedule:
     gammas = schedule.gammas[index]
     gammas_prev = torch.cat([gammas.new_ones(1), gammas[:-1]])
     return NoiseSchedule(1 - gammas / gammas_prev)
+
+
+def truncate(schedule: NoiseSchedule, min_gamma: float) -> NoiseSchedule:
+    """The first steps of `schedule`, up to the last whose noise level g_t is still >= min_gamma
+    (at least one step): a reverse chain over it starts at g_T ~ min_gamma instead of pure
+    noise. With y_T drawn from the condition noised to that level, that is SDEdit (Meng et al.
+    2022) or "come closer, diffuse faster" (Chung et al. 2022): the low frequencies come from
+    the condition, the network only has to restore the detail, in fewer steps."""
+    if not isinstance(schedule, NoiseSchedule):
+        raise TypeError(f"truncate expects a NoiseSchedule, got {type(schedule).__name__}")
+    if not 0 < min_gamma < 1:
+        raise ValueError(f"truncate: min_gamma must lie in (0, 1), got {min_gamma!r}")
+    kept = max(1, int((schedule.gammas >= min_gamma).sum()))
+    return NoiseSchedule(schedule.betas[:kept].clone())
