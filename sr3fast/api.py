@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from .checkpoint import CheckpointError, check_state_dict, read_checkpoint, save_checkpoint
 from .images import from_unit_batch, to_unit_batch
 from .inference_settings import InferenceSettings, check_start_gamma
+from .projection import back_project
 
 # The default model: trained by scripts/train_default.sh, shipped inside the package
 # (docs/model-card.md). Its SHA-256 is recorded beside it.
@@ -170,7 +171,8 @@ def _default_sampler(model) -> str:
 @torch.no_grad()
 def upscale(x, model=None, *, steps: int | None = None, sampler: str | None = None, seed: int | None = None,
             eta: float | None = None, progress: bool = True, noise: str = "torch", schedule=None,
-            loop: str = "python", package=None, start_gamma: float | None = None):
+            loop: str = "python", package=None, start_gamma: float | None = None,
+            back_projections: int | None = None):
     """Super-resolve `x` with SR3 (Algorithm 2 of the paper, or the sampler named).
 
     x: float tensor (B, 3, h, w) in [0, 1], uint8 tensor, PIL image, or image path. Returns the
@@ -196,6 +198,9 @@ def upscale(x, model=None, *, steps: int | None = None, sampler: str | None = No
     (sr3fast.diffusion.truncate; SDEdit, Meng et al. 2022; Chung et al. 2022), instead of from
     pure noise: the low frequencies come from the input, and fewer steps suffice. None: the
     model's recommended (the default model has one), else pure noise; 0: pure noise.
+    back_projections: after sampling, this many steps of back-projection toward the input
+    (sr3fast.projection: only what the paper's downsampling sees changes, the generated detail
+    stays), so the output agrees with its input. None: the model's recommended, else 0 (off).
 
     loop: where the sampling steps run, 'python', 'cpp' (C++, sr3fast._C) or 'graph' (one CUDA
     graph launch per step); the same seed gives the same image in each (see
@@ -216,6 +221,7 @@ def upscale(x, model=None, *, steps: int | None = None, sampler: str | None = No
                          "the image in one pass, not noise, so it cannot be sampled. Use "
                          "sr3fast.train.regression.predict(model, condition).")
     sampler, steps, schedule, start_gamma = _settings(model, sampler, steps, schedule, eta, start_gamma)
+    back_projections = _back_projections(model, back_projections)
     options = {} if eta is None else {"eta": eta}
     images, kind = to_unit_batch(x)
     parameter = next(model.parameters())
@@ -253,7 +259,10 @@ def upscale(x, model=None, *, steps: int | None = None, sampler: str | None = No
     result = result[..., :height, :width].float()
     if not torch.isfinite(result).all():        # once, after the last step: no sync per step
         raise FloatingPointError(_non_finite_message(model, dtype))
-    return from_unit_batch((result + 1) / 2, kind)
+    result = (result + 1) / 2
+    if back_projections:
+        result = back_project(result, images.to(result), back_projections)
+    return from_unit_batch(result, kind)
 
 
 _DEFAULT_MODELS: dict = {}
@@ -291,6 +300,14 @@ def _settings(model, sampler, steps, schedule, eta=None, start_gamma=None):
         raise ValueError(f"eta is DDIM's noise scale, but the sampler is {sampler!r}, which has none; "
                          "pass sampler='ddim' (--sampler ddim) to use eta, or drop eta")
     return sampler, steps, schedule, start_gamma
+
+
+def _back_projections(model, requested):
+    recommended = getattr(model, "inference_settings", None) or InferenceSettings()
+    value = recommended.back_projections if requested is None else requested
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"back_projections must be an integer >= 0 (0: off), got {value!r}")
+    return value
 
 
 def _non_finite_message(model, dtype) -> str:

@@ -157,13 +157,14 @@ def cmd_upscale(args) -> int:
                         seed=args.seed)
     try:       # the checks upscale makes, before anything is written
         api._settings(model, args.sampler, args.steps, None, args.eta, args.start_gamma)
+        api._back_projections(model, args.back_projections)
     except ValueError as err:
         raise UsageError(str(err)) from None
     failed = 0
     for index, (source, target) in enumerate(zip(inputs, outputs)):
         try:
             image = api.upscale(source, model=model, steps=args.steps, sampler=args.sampler, eta=args.eta,
-                                start_gamma=args.start_gamma,
+                                start_gamma=args.start_gamma, back_projections=args.back_projections,
                                 seed=None if args.seed is None else args.seed + index,
                                 progress=not args.quiet, loop=args.loop, package=args.package)
             if folder is not None:
@@ -197,7 +198,7 @@ def cmd_eval(args) -> int:
     model = _load_model(name, device=_device(args.device))
     report = evaluate_images(model, paths, steps=args.steps, sampler=args.sampler, seed=args.seed,
                              progress=not args.quiet, keep_images=bool(args.grid), model_name=name,
-                             start_gamma=args.start_gamma)
+                             start_gamma=args.start_gamma, back_projections=args.back_projections)
     print(report.table())
     try:
         written = write_outputs(report, json_path=args.json, grid_path=args.grid)
@@ -292,6 +293,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--start-gamma", type=float, default=None, metavar="G",
                     help="start from the input noised to level G in [0, 1) instead of pure noise "
                          "(default: the model's recommended; 0: pure noise)")
+    up.add_argument("--back-projections", type=int, default=None, metavar="N",
+                    help="back-projection steps toward the input after sampling (default: the model's "
+                         "recommended; 0: off)")
     up.add_argument("--seed", type=int, default=None,
                     help="seed for reproducible samples (image i gets seed + i); with a preset name as "
                          "--model, also the seed of its random weights")
@@ -335,6 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--sampler", default=None, help="sampler name (default: the model's recommended)")
     ev.add_argument("--start-gamma", type=float, default=None, metavar="G",
                     help="start from the input noised to level G (default: the model's recommended)")
+    ev.add_argument("--back-projections", type=int, default=None, metavar="N",
+                    help="back-projection steps after sampling (default: the model's recommended)")
     ev.add_argument("--seed", type=int, default=0, help="seed for every image (default 0)")
     ev.add_argument("--device", default="cpu", help="e.g. cuda, cpu (default cpu)")
     ev.add_argument("--json", metavar="F", help="write the results to this JSON file")

@@ -288,7 +288,7 @@ class EvalReport:
         lines.append(f"{label:{name_width}s} {'':9s}  {cells(mean['sr3'])}  {cells(mean['bicubic'])}")
         settings = self.settings
         lines.append(f"model {self.model}, {settings['scale']}x, sampler {settings['sampler']}, "
-                     f"{settings['steps']} steps, start_gamma {settings.get('start_gamma')}, seed {settings['seed']}, device {settings['device']}. "
+                     f"{settings['steps']} steps, start_gamma {settings.get('start_gamma')}, back-projections {settings.get('back_projections')}, seed {settings['seed']}, device {settings['device']}. "
                      "consist.: MSE of the output downsampled vs the input; sharp.: high-frequency "
                      "energy / the ground truth's")
         return "\n".join(lines)
@@ -312,11 +312,11 @@ def _device_of(model) -> str:
 def evaluate_images(model, paths: Sequence[str | os.PathLike], steps: int | None = None,
                     sampler: str | None = None, seed: int = 0, progress: bool = True,
                     keep_images: bool = False, model_name: str | None = None,
-                    start_gamma: float | None = None, warmup: bool = True) -> EvalReport:
+                    start_gamma: float | None = None, back_projections: int | None = None, warmup: bool = True) -> EvalReport:
     """Evaluate `model` (an SR3 from sr3fast.load) against the ground-truth image files `paths`
     (see `find_images` to expand folders), as described in this module's docstring.
 
-    steps, sampler, start_gamma: passed to sr3fast.upscale only when given (None: the model's recommended
+    steps, sampler, start_gamma, back_projections: passed to sr3fast.upscale only when given (None: the model's recommended
     settings, else upscale's defaults). seed: the seed for every image. progress: one line per
     image on stderr. keep_images: keep each image's low, bicubic, sr3 and ground_truth tensors in
     its record's `pictures` (needed by `save_grid`). warmup: run one untimed 1-step sample of the
@@ -340,9 +340,13 @@ def evaluate_images(model, paths: Sequence[str | os.PathLike], steps: int | None
     scale = model_scale(model)
     check_images(paths, scale)
     options = {key: value for key, value in (("steps", steps), ("sampler", sampler),
-                                             ("start_gamma", start_gamma)) if value is not None}
+                                             ("start_gamma", start_gamma),
+                                             ("back_projections", back_projections)) if value is not None}
     used_steps, used_sampler, used_start = _effective_settings(model, steps, sampler, start_gamma)
+    from .api import _back_projections
+
     settings = {"steps": used_steps, "sampler": used_sampler, "start_gamma": used_start,
+                "back_projections": _back_projections(model, back_projections),
                 "seed": seed, "scale": scale,
                 "device": _device_of(model), "requested_steps": steps, "requested_sampler": sampler}
 

@@ -21,11 +21,14 @@ class InferenceSettings:
     steps is `steps`, or None: the model's training schedule respaced to `steps`.
     start_gamma: start from the condition noised to this level g instead of from pure noise (the
     training schedule truncated there, sr3fast.diffusion.truncate; see sr3fast.upscale); None
-    or 0: from pure noise."""
+    or 0: from pure noise.
+    back_projections: back-projection steps toward the input after sampling (sr3fast.projection);
+    0: none."""
     sampler: str | None = None
     steps: int | None = None
     schedule: dict | None = None
     start_gamma: float | None = None
+    back_projections: int = 0
 
     def __post_init__(self):
         from .diffusion import SAMPLERS, NoiseSchedule
@@ -41,13 +44,17 @@ class InferenceSettings:
                 raise ValueError(f"the recommended schedule has {steps} steps but steps={self.steps}")
             object.__setattr__(self, "steps", steps)
         check_start_gamma(self.start_gamma)
+        if isinstance(self.back_projections, bool) or not isinstance(self.back_projections, int) \
+                or self.back_projections < 0:
+            raise ValueError(f"back_projections must be an integer >= 0, got {self.back_projections!r}")
         if self.start_gamma and self.schedule is not None:
             raise ValueError("give an inference schedule or start_gamma, not both (start_gamma "
                              "truncates the training schedule)")
 
     def to_metadata(self) -> dict[str, str]:
         return {METADATA_KEY: json.dumps({"sampler": self.sampler, "steps": self.steps,
-                                          "schedule": self.schedule, "start_gamma": self.start_gamma})}
+                                          "schedule": self.schedule, "start_gamma": self.start_gamma,
+                                          "back_projections": self.back_projections})}
 
     @classmethod
     def from_metadata(cls, metadata: dict[str, str]) -> "InferenceSettings | None":
@@ -56,7 +63,7 @@ class InferenceSettings:
             return None
         data = json.loads(metadata[METADATA_KEY])
         return cls(sampler=data.get("sampler"), steps=data.get("steps"), schedule=data.get("schedule"),
-                   start_gamma=data.get("start_gamma"))
+                   start_gamma=data.get("start_gamma"), back_projections=data.get("back_projections", 0))
 
 
 def check_start_gamma(start_gamma) -> None:
