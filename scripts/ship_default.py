@@ -1,10 +1,11 @@
 """Ship a trained model as sr3fast's default: float16 safetensors inside the package.
 
-    .venv/bin/python scripts/ship_default.py runs/default-4x/model.safetensors --sampler ddim --steps 50
+    .venv/bin/python scripts/ship_default.py runs/default-4x/model.safetensors --sampler posterior \
+        --steps 50 --start-gamma 0.5 --back-projections 2
 
 Reads the EMA weights `sr3fast train` wrote, stores them in float16 (half the bytes; the model
 runs in float32, and the float16 rounding is checked against the original on one sample with
-a stated bound) with the recommended sampler and steps in the metadata, writes
+a stated bound) with the recommended sampling settings in the metadata, writes
 sr3fast/weights/default-4x.safetensors atomically and its SHA-256 beside it.
 """
 from __future__ import annotations
@@ -32,10 +33,14 @@ def main(argv=None) -> int:
     parser.add_argument("checkpoint", help="model.safetensors of a training run (EMA weights)")
     parser.add_argument("--sampler", required=True)
     parser.add_argument("--steps", type=int, required=True)
+    parser.add_argument("--start-gamma", type=float, default=None)
+    parser.add_argument("--back-projections", type=int, default=0)
     args = parser.parse_args(argv)
 
     model = sr3fast.load(args.checkpoint)
-    model.inference_settings = InferenceSettings(sampler=args.sampler, steps=args.steps)
+    model.inference_settings = InferenceSettings(sampler=args.sampler, steps=args.steps,
+                                                 start_gamma=args.start_gamma,
+                                                 back_projections=args.back_projections)
     DEFAULT_WEIGHTS.parent.mkdir(exist_ok=True)
     sr3fast.save(model, DEFAULT_WEIGHTS, dtype=torch.float16)
 
@@ -58,7 +63,7 @@ def main(argv=None) -> int:
     with atomic_path(DEFAULT_WEIGHTS.with_suffix(".sha256")) as tmp:
         Path(tmp).write_text(f"{digest}  {DEFAULT_WEIGHTS.name}\n")
     print(f"{DEFAULT_WEIGHTS} ({size / 1e6:.1f} MB, sha256 {digest[:16]}...): "
-          f"{args.sampler}, {args.steps} steps")
+          f"{model.inference_settings}")
     return 0
 
 
