@@ -55,27 +55,38 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 def reverse_step(y_t: torch.Tensor, eps: torch.Tensor, coefs: torch.Tensor,
                  noise: torch.Tensor | None = None, clip: float | None = None,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
+                 generator: torch.Generator | None = None, x0_prev: torch.Tensor | None = None):
     """One reverse-diffusion update in the general form every SR3 sampler reduces to:
 
-        x0     = a·y_t − b·eps                  (the clean image implied by eps)
-        x0     = clamp(x0, −clip, clip)         (only when clip is given)
-        y_prev = m0·x0 + m1·y_t + sigma·z
+        x0     = a·y_t − b·eps                          (the clean image implied by eps)
+        x0     = clamp(x0, −clip, clip)                 (only when clip is given)
+        y_prev = m0·x0 + m1·y_t + m2·x0_prev + sigma·z  (m2·x0_prev: multistep samplers only)
 
-    y_t, eps: (B, *); coefs: (B, 5) float32 holding (a, b, m0, m1, sigma) per sample.
-    z is `noise` when given (same shape as y_t), else drawn from N(0, I) with `generator`.
+    y_t, eps: (B, *); coefs: (B, 5) float32 holding (a, b, m0, m1, sigma) per sample, or (B, 6)
+    with m2 last. z is `noise` when given (same shape as y_t), else drawn from N(0, I) with
+    `generator`.
+
+    Without x0_prev (single-step samplers; no history is a zero history): returns y_prev.
+    With x0_prev, the previous step's x0 shaped like y_t (multistep samplers; coefs (B, 6)):
+    returns (y_prev, x0), x0 being this step's clamped estimate, the next step's x0_prev.
+    Both in y_t's dtype. Operations run in float32 in the order written, left to right.
     """
     batch = y_t.shape[0]
-    per_sample = coefs.float().reshape(batch, 5, *([1] * (y_t.dim() - 1)))
-    a, b, m0, m1, sigma = per_sample.unbind(dim=1)
+    width = coefs.shape[-1]
+    per_sample = coefs.float().reshape(batch, width, *([1] * (y_t.dim() - 1)))
+    a, b, m0, m1, sigma = per_sample.unbind(dim=1)[:5]
     y = y_t.float()
     x0 = a * y - b * eps.float()
     if clip is not None:
         x0 = x0.clamp(-clip, clip)
     if noise is None:
         noise = torch.randn(y.shape, generator=generator, device=y.device, dtype=torch.float32)
-    y_prev = m0 * x0 + m1 * y + sigma * noise.float()
-    return y_prev.to(y_t.dtype)
+    if x0_prev is None:
+        y_prev = m0 * x0 + m1 * y + sigma * noise.float()
+        return y_prev.to(y_t.dtype)
+    m2 = per_sample[:, 5]
+    y_prev = m0 * x0 + m1 * y + m2 * x0_prev.float() + sigma * noise.float()
+    return y_prev.to(y_t.dtype), x0.to(y_t.dtype)
 
 
 def conv2d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,

@@ -72,7 +72,7 @@ def step_bound(coefs: torch.Tensor, y: torch.Tensor, eps: torch.Tensor, z: torch
     term it touches; no path through the update has more than six of them, so
     |error| <= 3·eps32·(m0·(|a·y| + |b·eps|) + |m1·y| + |sigma·z|). We allow 4·eps32.
     """
-    a, b, m0, m1, sigma = (c.double().view(-1, 1, 1, 1).abs() for c in coefs.unbind(1))
+    a, b, m0, m1, sigma = (c.double().view(-1, 1, 1, 1).abs() for c in coefs.unbind(1)[:5])
     y, eps, z = y.double().abs(), eps.double().abs(), z.double().abs()
     return 4 * EPS32 * (m0 * (a * y + b * eps) + m1 * y + sigma * z)
 
@@ -391,13 +391,14 @@ def test_tables_layout(public_schedule, sampler):
     schedule = respace(public_schedule, 10)
     coefs = reverse_coefficients(schedule, sampler, 3)
     gammas = noise_levels(schedule, 3, "cpu")
-    assert coefs.shape == (10, 3, 5) and coefs.dtype == torch.float32 and coefs.is_contiguous()
+    assert coefs.shape == (10, 3, 6) and coefs.dtype == torch.float32 and coefs.is_contiguous()
     assert gammas.shape == (10, 3) and gammas.dtype == torch.float32 and gammas.is_contiguous()
     assert (coefs == coefs[:, :1]).all() and (gammas == gammas[:, :1]).all()  # same for every sample
     g_T = schedule.gammas[-1].item()
     assert gammas[0, 0].item() == pytest.approx(g_T, rel=EPS32)  # row 0 is step T
     assert coefs[0, 0, 0].item() == pytest.approx(g_T ** -0.5, rel=EPS32)
-    assert coefs[-1, 0, 2:].tolist() == [1.0, 0.0, 0.0]  # t = 1: y_0 is the x0 estimate
+    assert coefs[-1, 0, 2:].tolist() == [1.0, 0.0, 0.0, 0.0]  # t = 1: y_0 is the x0 estimate
+    assert coefs[0, 0, 5].item() == 0.0                      # step T: no history yet
 
 
 def test_sampler_builds_each_table_once_and_steps_through_views(public_schedule, monkeypatch):
@@ -443,7 +444,8 @@ def reconstruction_bound(schedule: NoiseSchedule, y_1: torch.Tensor, eps_1: torc
 
 
 @pytest.mark.parametrize("sampler, steps", [("sr3", 2000), ("posterior", 2000), ("sr3", 50),
-                                            ("posterior", 50), ("ddim", 50)])
+                                            ("posterior", 50), ("ddim", 50), ("dpmpp_2m", 20),
+                                            ("dpmpp_2m_sde", 20)])
 def test_oracle_model_reconstructs_y0(public_schedule, sampler, steps):
     schedule = respace(public_schedule, steps)
     y0 = images(5)

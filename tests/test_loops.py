@@ -70,8 +70,9 @@ _CPP_LOOP_REASON = backends.unavailable_reason(EXTENSION, DEVICE.type)
 # CUDA build of sr3fast._C; a CPU-only build has no CUDA kernel for the C++ loop to call).
 needs_cpp_loop = pytest.mark.skipif(_CPP_LOOP_REASON is not None,
                                     reason=f"loop='cpp' cannot run on {DEVICE}: {_CPP_LOOP_REASON}")
-SAMPLER_CASES = [("sr3", {}), ("posterior", {}), ("ddim", {}), ("ddim", {"eta": 0.5})]
-CASE_IDS = ["sr3", "posterior", "ddim", "ddim-eta0.5"]
+SAMPLER_CASES = [("sr3", {}), ("posterior", {}), ("ddim", {}), ("ddim", {"eta": 0.5}),
+                 ("dpmpp_2m", {}), ("dpmpp_2m_sde", {}), ("dpmpp_2m_sde", {"eta": 0.5})]
+CASE_IDS = ["sr3", "posterior", "ddim", "ddim-eta0.5", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_2m_sde-eta0.5"]
 
 
 @contextlib.contextmanager

@@ -2,39 +2,49 @@
 
 Each step of every sampler here is the one fused update `sr3fast.ops.reverse_step`:
 
-    x0     = a·y_t - b·eps                 the clean image implied by the predicted noise
-    x0     = clamp(x0, -clip, clip)        only for samplers that clip
-    y_prev = m0·x0 + m1·y_t + sigma·z      z ~ N(0, I)
+    x0     = a·y_t - b·eps                          the clean image implied by the predicted noise
+    x0     = clamp(x0, -clip, clip)                 only for samplers that clip
+    y_prev = m0·x0 + m1·y_t + m2·x0_prev + sigma·z  z ~ N(0, I); x0_prev: the previous step's x0
 
 with a = 1/sqrt(g_t) and b = sqrt(1/g_t - 1) for every sampler (inverting
-y_t = sqrt(g_t)·y_0 + sqrt(1 - g_t)·eps); the samplers differ in m0, m1, sigma and clip.
+y_t = sqrt(g_t)·y_0 + sqrt(1 - g_t)·eps); the samplers differ in m0, m1, m2, sigma and clip.
+Single-step samplers have m2 = 0; the multistep solvers (MULTISTEP) carry x0 from step to step.
 
 Contract (the Python samplers and the C++ sampling loop follow it alike):
 
-    coefs  = reverse_coefficients(schedule, sampler, B, device)  # (T, B, 5) float32, contiguous
+    coefs  = reverse_coefficients(schedule, sampler, B, device)  # (T, B, 6) float32, contiguous
     gammas = noise_levels(schedule, B, device)                   # (T, B)    float32, contiguous
-    y = y_T ~ N(0, I)
+    y = y_T ~ N(0, I);  x0_prev = 0          # x0_prev: multistep samplers only
     for i in 0 .. T-1:                       # loop step i is diffusion step t = T - i
         eps = f(x, y, gammas[i])             # gammas[i] = g_t, the level the network is told
-        y = reverse_step(y, eps, coefs[i], z_i, clip=CLIP[sampler])
-                                             # coefs[i] = (a, b, m0, m1, sigma) of step t
+        y = reverse_step(y, eps, coefs[i], z_i, clip=CLIP[sampler])         # single-step, or
+        y, x0_prev = reverse_step(y, eps, coefs[i], z_i, clip=CLIP[sampler], x0_prev=x0_prev)
+                                             # coefs[i] = (a, b, m0, m1, sigma, m2) of step t
                                              # z_i: fresh N(0, I); zeros on the last step
     return y                                 # y_0
 
-Row 0 is step T. The last row (t = 1) has sigma = 0, m0 = 1, m1 = 0, so y_0 is the x0 estimate
-itself. Both tables are built once per sampling call: float64 maths on the host, one copy to
+Row 0 is step T; its m2 is 0 (there is no history yet). The last row (t = 1) has sigma = 0,
+m0 = 1, m1 = m2 = 0, so y_0 is the x0 estimate itself. Both tables are built once per sampling call: float64 maths on the host, one copy to
 the device, so the loop has no Python floats and no host→device copies.
 """
 from __future__ import annotations
+
+import math
 
 import torch
 
 from ._checks import check_schedule
 from .schedules import POSTERIOR_VARIANCE_FLOOR, NoiseSchedule
 
-SAMPLER_NAMES = ("sr3", "posterior", "ddim")
-# the x0 clamp each sampler applies (the public checkpoints were sampled with clip_denoised=True)
-CLIP = {"sr3": None, "posterior": 1.0, "ddim": None}
+SAMPLER_NAMES = ("sr3", "posterior", "ddim", "dpmpp_2m", "dpmpp_2m_sde")
+# the x0 clamp each sampler applies (the public checkpoints were sampled with clip_denoised=True;
+# DPM-Solver++ clips its data prediction, "thresholding" in Lu et al. 2022b)
+CLIP = {"sr3": None, "posterior": 1.0, "ddim": None, "dpmpp_2m": 1.0, "dpmpp_2m_sde": 1.0}
+# samplers whose update carries the previous step's x0 (coefficient m2)
+MULTISTEP = frozenset({"dpmpp_2m", "dpmpp_2m_sde"})
+# samplers with a noise scale eta, and its default
+ETA_DEFAULT = {"ddim": 0.0, "dpmpp_2m_sde": 1.0}
+COLUMNS = ("a", "b", "m0", "m1", "sigma", "m2")
 
 
 def _check_sampling_schedule(schedule: NoiseSchedule) -> None:
@@ -57,7 +67,7 @@ def _sr3_rows(s: NoiseSchedule) -> torch.Tensor:
     a, b = _x0_from_eps(s)
     sigma = s.betas.sqrt()
     sigma[0] = 0
-    return torch.stack([a, b, s.posterior_mean_coef_x0, s.posterior_mean_coef_yt, sigma], dim=1)
+    return _rows(a, b, s.posterior_mean_coef_x0, s.posterior_mean_coef_yt, sigma)
 
 
 def _posterior_rows(s: NoiseSchedule) -> torch.Tensor:
@@ -66,7 +76,7 @@ def _posterior_rows(s: NoiseSchedule) -> torch.Tensor:
     a, b = _x0_from_eps(s)
     sigma = s.posterior_variance.clamp(min=POSTERIOR_VARIANCE_FLOOR).sqrt()
     sigma[0] = 0
-    return torch.stack([a, b, s.posterior_mean_coef_x0, s.posterior_mean_coef_yt, sigma], dim=1)
+    return _rows(a, b, s.posterior_mean_coef_x0, s.posterior_mean_coef_yt, sigma)
 
 
 def _ddim_rows(s: NoiseSchedule, eta: float) -> torch.Tensor:
@@ -86,25 +96,89 @@ def _ddim_rows(s: NoiseSchedule, eta: float) -> torch.Tensor:
     sigma = eta * ((1 - g_prev) / (1 - g) * (1 - g / g_prev)).sqrt()
     direction = (1 - g_prev - sigma.square()).clamp(min=0).sqrt() / (1 - g).sqrt()
     m0 = g_prev.sqrt() - direction * g.sqrt()
-    return torch.stack([a, b, m0, direction, sigma], dim=1)
+    return _rows(a, b, m0, direction, sigma)
+
+
+def log_snr(gammas: torch.Tensor) -> torch.Tensor:
+    """lambda = log(alpha/sigma) = 0.5·log(g/(1 - g)), half the log signal-to-noise ratio of
+    y_t = sqrt(g)·y_0 + sqrt(1 - g)·eps: the time variable of DPM-Solver (Lu et al. 2022)."""
+    return 0.5 * (gammas.log() - torch.log1p(-gammas))
+
+
+def _dpmpp_rows(s: NoiseSchedule, eta: float) -> torch.Tensor:
+    """DPM-Solver++(2M) (Lu et al. 2022b, Algorithm 2: multistep, second order, data
+    prediction), with eta > 0 its SDE form (the "midpoint" SDE-DPM-Solver++(2M) of
+    k-diffusion's sample_dpmpp_2m_sde), over the noise levels of the schedule. For a step from
+    level g (alpha = sqrt(g), sigma = sqrt(1 - g), lambda = log(alpha/sigma)) to g' with
+    h = lambda' - lambda and the x0 estimates D_i of this step and D_{i-1} of the previous:
+
+        y' = (sigma'/sigma)·e^(-eta·h)·y + A·((1 + 1/(2r))·D_i - 1/(2r)·D_{i-1})
+             + sigma'·sqrt(1 - e^(-2·eta·h))·z,      A = alpha'·(1 - e^(-(1 + eta)·h)),
+
+    r = h_{i-1}/h the ratio of the previous step's lambda-increment to this one's. The first
+    step has no history and takes the first-order update (D_{i-1} absent: DDIM for eta = 0, the
+    DDPM posterior for eta = 1), and so does the last, to g' = 1, where lambda' is infinite and
+    y' is D_i itself (lower_order_final of the reference code).
+    """
+    if not 0 <= eta <= 1:
+        raise ValueError(f"dpmpp_2m_sde: eta must lie in [0, 1] (0: the ODE solver dpmpp_2m, "
+                         f"1: the SDE), got {eta!r}")
+    a, b = _x0_from_eps(s)
+    g, g_next = s.gammas, s.gammas_prev          # step t goes from g_t to g_{t-1}; t = 1 ends at 1
+    alpha_next, sigma, sigma_next = g_next.sqrt(), (1 - g).sqrt(), (1 - g_next).sqrt()
+    h = log_snr(g_next) - log_snr(g)             # inf on the last step (t = 1)
+    decay = torch.exp(-eta * h)
+    m1 = sigma_next / sigma * decay
+    weight = alpha_next * -torch.expm1(-(1 + eta) * h)
+    noise = sigma_next * (-torch.expm1(-2 * eta * h)).sqrt()
+    # r_t = h_{t+1}/h_t: the previous loop step is diffusion step t + 1; none for t = T
+    r = torch.full_like(h, math.inf)
+    r[:-1] = h[1:] / h[:-1]
+    second_order = torch.isfinite(r) & torch.isfinite(h)
+    second_order[0] = False                      # t = 1: the final step is first order
+    half_inverse_r = torch.where(second_order, 0.5 / r, torch.zeros_like(r))
+    m0 = weight * (1 + half_inverse_r)
+    m2 = -weight * half_inverse_r
+    # the last step: y_0 = D_1 exactly (sigma_next = 0 and h = inf make the terms above 0·inf)
+    m0[0], m1[0], m2[0], noise[0] = 1.0, 0.0, 0.0, 0.0
+    return _rows(a, b, m0, m1, noise, m2)
+
+
+def _rows(a, b, m0, m1, sigma, m2=None) -> torch.Tensor:
+    """(T, 6): the columns of COLUMNS, m2 = 0 for single-step samplers."""
+    return torch.stack([a, b, m0, m1, sigma, torch.zeros_like(a) if m2 is None else m2], dim=1)
 
 
 def reverse_coefficients(schedule: NoiseSchedule, sampler: str, batch: int,
-                         device: torch.device | str = "cpu", *, eta: float = 0.0) -> torch.Tensor:
-    """The (T, B, 5) float32 table of (a, b, m0, m1, sigma) on `device`, rows in loop order
-    (row 0 is step T). sampler: one of SAMPLER_NAMES; eta is used by "ddim" only."""
-    _check_sampling_schedule(schedule)
-    if sampler == "sr3":
-        rows = _sr3_rows(schedule)
-    elif sampler == "posterior":
-        rows = _posterior_rows(schedule)
-    elif sampler == "ddim":
-        rows = _ddim_rows(schedule, eta)
-    else:
-        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLER_NAMES)}")
+                         device: torch.device | str = "cpu", *, eta: float | None = None) -> torch.Tensor:
+    """The (T, B, 6) float32 table of (a, b, m0, m1, sigma, m2) on `device`, rows in loop order
+    (row 0 is step T). sampler: one of SAMPLER_NAMES; eta: the noise scale of the samplers in
+    ETA_DEFAULT (None: their default), ignored by the others."""
+    rows = _rows_of(schedule, sampler, eta)
     rows = rows.flip(0).to(torch.float32)
     table = rows[:, None, :].expand(-1, batch, -1).contiguous()
     return table.to(device)
+
+
+def _rows_of(schedule: NoiseSchedule, sampler: str, eta: float | None) -> torch.Tensor:
+    """(T, 6) float64 rows in schedule order (row 0 is step 1)."""
+    _check_sampling_schedule(schedule)
+    if sampler not in SAMPLER_NAMES:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLER_NAMES)}")
+    eta = ETA_DEFAULT.get(sampler, 0.0) if eta is None else eta
+    if sampler == "sr3":
+        return _sr3_rows(schedule)
+    if sampler == "posterior":
+        return _posterior_rows(schedule)
+    if sampler == "ddim":
+        return _ddim_rows(schedule, eta)
+    return _dpmpp_rows(schedule, 0.0 if sampler == "dpmpp_2m" else eta)
+
+
+def is_stochastic(schedule: NoiseSchedule, sampler: str, eta: float | None = None) -> bool:
+    """Whether any step of `sampler` over `schedule` adds noise (sigma > 0): the loops draw no
+    noise for the others (DDIM with eta = 0, DPM-Solver++ 2M)."""
+    return bool((_rows_of(schedule, sampler, eta)[:, 4] > 0).any())
 
 
 def noise_levels(schedule: NoiseSchedule, batch: int, device: torch.device | str = "cpu",
