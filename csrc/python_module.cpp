@@ -41,17 +41,19 @@ sr3fast::Denoiser make_denoiser(const py::object& denoiser, const c10::Device& d
 }
 
 // sr3fast::sample (csrc/sampler/sampler.h) for Python: every step in C++, the GIL released except
-// while a Python denoiser or callback runs. callback(i, y) after loop step i, optional.
+// while a Python denoiser or callback runs. callback(i, y) after loop step i, optional;
+// multistep: SampleOptions::multistep (the loop of a multistep solver, coefs (T, B, 6)).
 at::Tensor sample(const py::object& denoiser, const at::Tensor& x, const at::Tensor& y_T,
                   const at::Tensor& coefs, const at::Tensor& gammas, std::optional<double> clip,
                   bool stochastic, bool kernel_noise, std::optional<at::Generator> generator,
-                  const py::object& callback) {
+                  const py::object& callback, bool multistep) {
   const c10::DeviceGuard guard(x.device());
   sr3fast::SampleOptions options;
   options.clip = clip;
   options.stochastic = stochastic;
   options.noise = kernel_noise ? sr3fast::NoiseSource::kKernel : sr3fast::NoiseSource::kTorch;
   options.generator = std::move(generator);
+  options.multistep = multistep;
   if (!callback.is_none()) {
     options.callback = [callback](int64_t step, const at::Tensor& y) {
       const py::gil_scoped_acquire gil;
@@ -74,9 +76,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "sr3fast's compiled ops; importing registers them as torch.ops.sr3fast.*";
   m.def("sample", &sample, py::arg("denoiser"), py::arg("x"), py::arg("y_T"), py::arg("coefs"),
         py::arg("gammas"), py::arg("clip"), py::arg("stochastic"), py::arg("kernel_noise"),
-        py::arg("generator"), py::arg("callback"),
+        py::arg("generator"), py::arg("callback"), py::arg("multistep") = false,
         "Every step of an SR3 sampler in C++; denoiser: package path or f(x, y_t, gamma) -> eps. "
-        "Returns y_0 (float32). See sr3fast.diffusion.loops.");
+        "multistep: each step runs reverse_step_multistep with the previous step's x0 (coefs "
+        "(T, B, 6)). Returns y_0 (float32). See sr3fast.diffusion.loops.");
   m.def(
       "package_metadata",
       [](const std::string& path, const c10::Device& device) {

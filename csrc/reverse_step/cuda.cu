@@ -1,7 +1,9 @@
-// reverse_step on CUDA: one fused elementwise kernel on the current stream. The per-element update
-// is math.h's step_value, shared with the CPU kernel: float32 maths with explicitly rounded
-// operations in the reference's order (no FMA contraction) and a NaN-preserving clamp, so with
-// the same z it matches sr3fast.reference bit for bit.
+// reverse_step and reverse_step_multistep on CUDA: one fused elementwise kernel on the current
+// stream, serving both ops (the template flag kHistory adds the multistep term m2*x0_prev and
+// the output x0). The per-element update is math.h's x0_estimate / update, shared with the CPU
+// kernel: float32 maths with explicitly rounded operations in the reference's order (no FMA
+// contraction) and a NaN-preserving clamp, so with the same z it matches sr3fast.reference bit
+// for bit.
 //
 // Without `noise`, z is drawn in the kernel with curand's Philox, seeded from the torch generator
 // the CUDA-graph-safe way (philox_cuda_state under the generator's lock, unpacked in the kernel,
@@ -9,6 +11,8 @@
 // Thread i always draws the normals of elements [8i, 8i + 8) from Philox subsequence i, so the
 // noise for a given generator state does not depend on the GPU model or on alignment.
 #include <curand_kernel.h>
+
+#include <tuple>
 
 #include <ATen/cuda/CUDAContext.h>
 #include <ATen/cuda/CUDAGeneratorImpl.h>
@@ -34,26 +38,39 @@ constexpr int kQuad = 4;
 constexpr uint64_t kPhiloxIncrement = kPerThread;
 
 struct Step {
-  const float* coefs;  // (B, 5)
+  const float* coefs;  // (B, coef_stride)
+  int64_t coef_stride;  // 5 or 6
   int64_t numel, per_sample;
   bool clip_enabled;
   float clip;
 };
 
+// The operands of one launch, all laid out as y_t. E, N, X (eps, noise, x0_prev) are T or
+// float; noise is null when the kernel draws z; x0_prev and x0 are used only with history.
+template <typename T, typename E, typename N, typename X>
+struct Operands {
+  const T* __restrict__ y;
+  const E* __restrict__ eps;
+  const N* __restrict__ noise;
+  const X* __restrict__ x0_prev;  // (B, *) multistep history input
+  T* __restrict__ out;            // (B, *) y_prev
+  T* __restrict__ x0;             // (B, *) multistep output: this step's (clamped) x0 estimate
+};
+
+// kHistory: the multistep op (reads x0_prev, adds m2*x0_prev, writes x0); the noise draw is the
+// same either way, so both ops see the same z for the same generator state.
 // kQuads: whether each group of four elements lies in one sample and its pointers allow 16-byte
 // (or 8-byte) packed accesses; otherwise every element is handled on its own.
-template <typename T, typename E, typename N, bool kQuads>
+template <bool kHistory, typename T, typename E, typename N, typename X, bool kQuads>
 __global__ void __launch_bounds__(kThreads)
-    reverse_step_kernel(const T* __restrict__ y, const E* __restrict__ eps,
-                        const N* __restrict__ noise, T* __restrict__ out, Step step,
-                        at::PhiloxCudaState philox) {
+    reverse_step_kernel(const Operands<T, E, N, X> o, Step step, at::PhiloxCudaState philox) {
   const int64_t thread = blockIdx.x * static_cast<int64_t>(kThreads) + threadIdx.x;
   const int64_t first = thread * kPerThread;
   if (first >= step.numel) {
     return;
   }
   float z[kPerThread];
-  if (noise == nullptr) {
+  if (o.noise == nullptr) {
     const auto seeds = at::cuda::philox::unpack(philox);
     curandStatePhilox4_32_10_t state;
     curand_init(std::get<0>(seeds), thread, std::get<1>(seeds), &state);
@@ -73,74 +90,96 @@ __global__ void __launch_bounds__(kThreads)
       if (at >= step.numel) {
         break;
       }
-      const float* k = step.coefs + (at / step.per_sample) * kCoefs;
-      const auto ys = *reinterpret_cast<const Pack<T, kQuad>*>(y + at);
-      const auto es = *reinterpret_cast<const Pack<E, kQuad>*>(eps + at);
-      if (noise != nullptr) {
-        const auto ns = *reinterpret_cast<const Pack<N, kQuad>*>(noise + at);
+      const float* k = step.coefs + (at / step.per_sample) * step.coef_stride;
+      const auto ys = *reinterpret_cast<const Pack<T, kQuad>*>(o.y + at);
+      const auto es = *reinterpret_cast<const Pack<E, kQuad>*>(o.eps + at);
+      if (o.noise != nullptr) {
+        const auto ns = *reinterpret_cast<const Pack<N, kQuad>*>(o.noise + at);
 #pragma unroll
         for (int j = 0; j < kQuad; ++j) {
           z[q + j] = static_cast<float>(ns.v[j]);
         }
       }
-      Pack<T, kQuad> result;
+      float history[kQuad] = {};
+      if constexpr (kHistory) {
+        const auto xs = *reinterpret_cast<const Pack<X, kQuad>*>(o.x0_prev + at);
+#pragma unroll
+        for (int j = 0; j < kQuad; ++j) {
+          history[j] = static_cast<float>(xs.v[j]);
+        }
+      }
+      Pack<T, kQuad> result, x0s;
 #pragma unroll
       for (int j = 0; j < kQuad; ++j) {
-        result.v[j] = static_cast<T>(step_value(static_cast<float>(ys.v[j]),
-                                                static_cast<float>(es.v[j]), z[q + j], k,
-                                                step.clip_enabled, step.clip));
+        const float yj = static_cast<float>(ys.v[j]);
+        const float x0 =
+            x0_estimate(yj, static_cast<float>(es.v[j]), k, step.clip_enabled, step.clip);
+        result.v[j] = static_cast<T>(update<kHistory>(x0, yj, z[q + j], history[j], k));
+        x0s.v[j] = static_cast<T>(x0);
       }
-      *reinterpret_cast<Pack<T, kQuad>*>(out + at) = result;
+      *reinterpret_cast<Pack<T, kQuad>*>(o.out + at) = result;
+      if constexpr (kHistory) {
+        *reinterpret_cast<Pack<T, kQuad>*>(o.x0 + at) = x0s;
+      }
     } else {
 #pragma unroll
       for (int j = 0; j < kQuad; ++j) {
         const int64_t i = at + j;
         if (i < step.numel) {
-          const float* k = step.coefs + (i / step.per_sample) * kCoefs;
-          const float zi = noise != nullptr ? static_cast<float>(noise[i]) : z[q + j];
-          out[i] = static_cast<T>(step_value(static_cast<float>(y[i]), static_cast<float>(eps[i]),
-                                             zi, k, step.clip_enabled, step.clip));
+          const float* k = step.coefs + (i / step.per_sample) * step.coef_stride;
+          const float zi = o.noise != nullptr ? static_cast<float>(o.noise[i]) : z[q + j];
+          const float yi = static_cast<float>(o.y[i]);
+          const float x0 =
+              x0_estimate(yi, static_cast<float>(o.eps[i]), k, step.clip_enabled, step.clip);
+          const float x0_prev = kHistory ? static_cast<float>(o.x0_prev[i]) : 0.f;
+          o.out[i] = static_cast<T>(update<kHistory>(x0, yi, zi, x0_prev, k));
+          if constexpr (kHistory) {
+            o.x0[i] = static_cast<T>(x0);
+          }
         }
       }
     }
   }
 }
 
-template <typename T, typename E, typename N>
-void launch(const Problem& p, at::Tensor& out, const at::PhiloxCudaState& philox) {
-  const T* y = p.y_t.data_ptr<T>();
-  const E* eps = p.eps.data_ptr<E>();
-  const N* noise = p.noise.defined() ? p.noise.data_ptr<N>() : nullptr;
-  T* result = out.data_ptr<T>();
-  const Step step{p.coefs.data_ptr<float>(), out.numel(), p.per_sample, p.clip_enabled, p.clip};
-  const bool quads = p.per_sample % kQuad == 0 && cuda::is_aligned(y, 16) &&
-                     cuda::is_aligned(eps, 16) && cuda::is_aligned(result, 16) &&
-                     (noise == nullptr || cuda::is_aligned(noise, 16));
+template <bool kHistory, typename T, typename E, typename N, typename X>
+void launch(const Problem& p, at::Tensor& out, at::Tensor& x0, const at::PhiloxCudaState& philox) {
+  const Operands<T, E, N, X> o{p.y_t.data_ptr<T>(),
+                               p.eps.data_ptr<E>(),
+                               p.noise.defined() ? p.noise.data_ptr<N>() : nullptr,
+                               kHistory ? p.x0_prev.data_ptr<X>() : nullptr,
+                               out.data_ptr<T>(),
+                               kHistory ? x0.data_ptr<T>() : nullptr};
+  const Step step{p.coefs.data_ptr<float>(), p.coef_stride, out.numel(), p.per_sample,
+                  p.clip_enabled, p.clip};
+  const bool quads = p.per_sample % kQuad == 0 && cuda::is_aligned(o.y, 16) &&
+                     cuda::is_aligned(o.eps, 16) && cuda::is_aligned(o.out, 16) &&
+                     (o.noise == nullptr || cuda::is_aligned(o.noise, 16)) &&
+                     (!kHistory || (cuda::is_aligned(o.x0_prev, 16) && cuda::is_aligned(o.x0, 16)));
   const int64_t blocks = ceil_div(ceil_div(step.numel, kPerThread), kThreads);
   TORCH_CHECK(blocks < (int64_t{1} << 31), "sr3fast::reverse_step: y_t ", p.y_t.sizes(),
               " is too large for one launch; split the batch");
   const auto stream = at::cuda::getCurrentCUDAStream();
-  const auto kernel =
-      quads ? reverse_step_kernel<T, E, N, true> : reverse_step_kernel<T, E, N, false>;
-  kernel<<<blocks, kThreads, 0, stream>>>(y, eps, noise, result, step, philox);
+  const auto kernel = quads ? reverse_step_kernel<kHistory, T, E, N, X, true>
+                            : reverse_step_kernel<kHistory, T, E, N, X, false>;
+  kernel<<<blocks, kThreads, 0, stream>>>(o, step, philox);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
-at::Tensor reverse_step_cuda(const at::Tensor& y_t, const at::Tensor& eps, const at::Tensor& coefs,
-                             const std::optional<at::Tensor>& noise, std::optional<double> clip,
-                             std::optional<at::Generator> generator) {
-  const c10::cuda::CUDAGuard device_guard(y_t.device());
-  const Problem p = make_problem(y_t, eps, coefs, noise, clip);
-  auto out = at::empty_like(p.y_t);
+// The whole op on a checked problem (the caller holds a guard for y_t's device): the Philox
+// state when z is drawn, then one launch. x0 is written only with history.
+template <bool kHistory>
+void run(const char* op, const Problem& p, const at::Tensor& y_t,
+         const std::optional<at::Generator>& generator, at::Tensor& out, at::Tensor& x0) {
   if (out.numel() == 0) {
-    return out;
+    return;
   }
   at::PhiloxCudaState philox;
   if (!p.noise.defined()) {
     // torch.Generator("cuda") has no device index: it draws for the current device, which the
-    // guard above made y_t's (as PyTorch's own CUDA random ops take it). Comparing the devices
+    // caller's guard made y_t's (as PyTorch's own CUDA random ops take it). Comparing the devices
     // whole refused it ("the generator is on cuda but y_t on cuda:0").
-    check_generator(generator, y_t);
+    check_generator(op, generator, y_t);
     auto* gen = at::get_generator_or_default<at::CUDAGeneratorImpl>(
         generator, at::cuda::detail::getDefaultCUDAGenerator(y_t.device().index()));
     // See Note [Acquire lock when using random generators]
@@ -149,23 +188,45 @@ at::Tensor reverse_step_cuda(const at::Tensor& y_t, const at::Tensor& eps, const
   }
   SR3FAST_DISPATCH_FLOATING_TYPES(p.y_t.scalar_type(), "reverse_step_cuda", [&] {
     using T = scalar_t;
-    const bool eps_float = p.eps.scalar_type() != p.y_t.scalar_type();
     const bool noise_float = p.noise.defined() && p.noise.scalar_type() != p.y_t.scalar_type();
-    if (!eps_float && !noise_float) {
-      launch<T, T, T>(p, out, philox);
-    } else if (!eps_float) {
-      launch<T, T, float>(p, out, philox);
-    } else if (!noise_float) {
-      launch<T, float, T>(p, out, philox);
-    } else {
-      launch<T, float, float>(p, out, philox);
-    }
+    with_operand_types<T, kHistory>(p, noise_float, [&](auto e, auto n, auto x) {
+      launch<kHistory, T, typename decltype(e)::type, typename decltype(n)::type,
+             typename decltype(x)::type>(p, out, x0, philox);
+    });
   });
+}
+
+constexpr const char* kSingleStepOp = "sr3fast::reverse_step";
+constexpr const char* kMultistepOp = "sr3fast::reverse_step_multistep";
+
+at::Tensor reverse_step_cuda(const at::Tensor& y_t, const at::Tensor& eps, const at::Tensor& coefs,
+                             const std::optional<at::Tensor>& noise, std::optional<double> clip,
+                             std::optional<at::Generator> generator) {
+  const c10::cuda::CUDAGuard device_guard(y_t.device());
+  const Problem p = make_problem(kSingleStepOp, y_t, eps, coefs, noise, clip);
+  auto out = at::empty_like(p.y_t);
+  at::Tensor no_x0;
+  run<false>(kSingleStepOp, p, y_t, generator, out, no_x0);
   return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> reverse_step_multistep_cuda(
+    const at::Tensor& y_t, const at::Tensor& eps, const at::Tensor& coefs,
+    const at::Tensor& x0_prev, const std::optional<at::Tensor>& noise, std::optional<double> clip,
+    std::optional<at::Generator> generator) {
+  const c10::cuda::CUDAGuard device_guard(y_t.device());
+  const Problem p = make_problem(kMultistepOp, y_t, eps, coefs, noise, clip, x0_prev);
+  auto out = at::empty_like(p.y_t);
+  auto x0 = at::empty_like(p.y_t);
+  run<true>(kMultistepOp, p, y_t, generator, out, x0);
+  return {out, x0};
 }
 
 }  // namespace
 
-TORCH_LIBRARY_IMPL(sr3fast, CUDA, m) { m.impl("reverse_step", &reverse_step_cuda); }
+TORCH_LIBRARY_IMPL(sr3fast, CUDA, m) {
+  m.impl("reverse_step", &reverse_step_cuda);
+  m.impl("reverse_step_multistep", &reverse_step_multistep_cuda);
+}
 
 }  // namespace sr3fast::reverse_step

@@ -1,6 +1,8 @@
-// reverse_step's scalar update, shared by the CPU and CUDA kernels (host and device code):
+// reverse_step's scalar update, shared by the CPU and CUDA kernels (host and device code) of
+// both ops, sr3fast::reverse_step and sr3fast::reverse_step_multistep:
 //   x0 = a*y - b*eps, clamped to [-clip, clip] when the sampler clips
-//   y_prev = m0*x0 + m1*y + sigma*z
+//   y_prev = m0*x0 + m1*y + sigma*z                        (single step)
+//   y_prev = ((m0*x0 + m1*y) + m2*x0_prev) + sigma*z       (multistep: one history term)
 // float32, every operation rounded on its own in the reference's order: on the device through the
 // _rn intrinsics, which nvcc never contracts into FMAs (even with --use_fast_math); on the host
 // as plain operations, which setup.py's -ffp-contract=off keeps unfused. Both devices therefore
@@ -45,14 +47,23 @@ C10_HOST_DEVICE inline float clamp(float x, float clip) {
   return x < -clip ? -clip : (x > clip ? clip : x);
 }
 
-// One element's update; k points at its sample's coefficients (Coef order).
-C10_HOST_DEVICE inline float step_value(float y, float eps, float z, const float* k,
-                                        bool clip_enabled, float clip) {
-  float x0 = sub(mul(k[kA], y), mul(k[kB], eps));
-  if (clip_enabled) {
-    x0 = clamp(x0, clip);
+// The x0 estimate of one element: a*y - b*eps, clamped when the sampler clips. k points at its
+// sample's coefficients (Coef order).
+C10_HOST_DEVICE inline float x0_estimate(float y, float eps, const float* k, bool clip_enabled,
+                                         float clip) {
+  const float x0 = sub(mul(k[kA], y), mul(k[kB], eps));
+  return clip_enabled ? clamp(x0, clip) : x0;
+}
+
+// y_prev from the x0 estimate: ((m0*x0 + m1*y) + m2*x0_prev) + sigma*z with kHistory (the
+// multistep op), (m0*x0 + m1*y) + sigma*z without (x0_prev is then not read).
+template <bool kHistory>
+C10_HOST_DEVICE inline float update(float x0, float y, float z, float x0_prev, const float* k) {
+  float sum = add(mul(k[kM0], x0), mul(k[kM1], y));
+  if constexpr (kHistory) {
+    sum = add(sum, mul(k[kM2], x0_prev));
   }
-  return add(add(mul(k[kM0], x0), mul(k[kM1], y)), mul(k[kSigma], z));
+  return add(sum, mul(k[kSigma], z));
 }
 
 }  // namespace sr3fast::reverse_step

@@ -1,5 +1,7 @@
 #include "sampler/sampler.h"
 
+#include <tuple>
+
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/randn.h>
 #include <ATen/ops/zeros_like.h>
@@ -11,20 +13,28 @@ namespace {
 using ReverseStep = at::Tensor(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                const std::optional<at::Tensor>&, std::optional<double>,
                                std::optional<at::Generator>);
+using ReverseStepMultistep = std::tuple<at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+    const std::optional<at::Tensor>&, std::optional<double>, std::optional<at::Generator>);
 
 void check_tables(const at::Tensor& x, const at::Tensor& y_T, const at::Tensor& coefs,
-                  const at::Tensor& gammas) {
+                  const at::Tensor& gammas, bool multistep) {
   constexpr const char* kWhere = "sr3fast::sample";
   TORCH_CHECK(x.dim() == 4, kWhere, ": x must be the upsampled condition (B, C, H, W), got ",
               x.sizes());
   TORCH_CHECK(y_T.sizes() == x.sizes() && y_T.device() == x.device(), kWhere,
               ": y_T must match x in shape and device; got ", y_T.sizes(), " on ", y_T.device());
   const int64_t batch = x.size(0);
-  TORCH_CHECK(coefs.dim() == 3 && coefs.size(1) == batch && coefs.size(2) == 5 &&
-                  coefs.scalar_type() == at::kFloat && coefs.device() == x.device(),
-              kWhere, ": coefs must be the (T, ", batch, ", 5) float32 table of "
-              "sr3fast.diffusion.reverse_coefficients on x's device; got ", coefs.scalar_type(),
-              " ", coefs.sizes(), " on ", coefs.device());
+  // (T, B, 6): columns (a, b, m0, m1, sigma, m2). Single-step loops also take the older
+  // (T, B, 5) tables (no m2 column), which they read the same way.
+  const bool width_ok =
+      coefs.dim() == 3 && (coefs.size(2) == 6 || (!multistep && coefs.size(2) == 5));
+  TORCH_CHECK(width_ok && coefs.size(1) == batch && coefs.scalar_type() == at::kFloat &&
+                  coefs.device() == x.device(),
+              kWhere, ": coefs must be the (T, ", batch, ", 6) float32 table of "
+              "sr3fast.diffusion.reverse_coefficients on x's device",
+              multistep ? " (a multistep loop reads its m2 column)" : "", "; got ",
+              coefs.scalar_type(), " ", coefs.sizes(), " on ", coefs.device());
   TORCH_CHECK(gammas.dim() == 2 && gammas.size(0) == coefs.size(0) && gammas.size(1) == batch &&
                   gammas.scalar_type() == at::kFloat && gammas.device() == x.device(),
               kWhere, ": gammas must be the (T, ", batch, ") float32 table of "
@@ -37,12 +47,19 @@ void check_tables(const at::Tensor& x, const at::Tensor& y_T, const at::Tensor& 
 at::Tensor sample(const Denoiser& denoise, const at::Tensor& x, const at::Tensor& y_T,
                   const at::Tensor& coefs, const at::Tensor& gammas,
                   const SampleOptions& options) {
-  check_tables(x, y_T, coefs, gammas);
+  check_tables(x, y_T, coefs, gammas, options.multistep);
   static const auto reverse_step = c10::Dispatcher::singleton()
                                        .findSchemaOrThrow("sr3fast::reverse_step", "")
                                        .typed<ReverseStep>();
+  static const auto reverse_step_multistep =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("sr3fast::reverse_step_multistep", "")
+          .typed<ReverseStepMultistep>();
   at::Tensor y = y_T.to(at::kFloat, /*non_blocking=*/false, /*copy=*/true);
   const at::Tensor no_noise = at::zeros_like(y);
+  // The history of a multistep loop: the previous step's x0 estimate, float32 like y; zeros
+  // before the first step (whose m2 is 0).
+  at::Tensor x0_prev = options.multistep ? at::zeros_like(y) : at::Tensor();
   const int64_t steps = coefs.size(0);
   for (int64_t i = 0; i < steps; ++i) {
     const at::Tensor eps = denoise(x, y.to(x.scalar_type()), gammas[i]);
@@ -52,7 +69,12 @@ at::Tensor sample(const Denoiser& denoise, const at::Tensor& x, const at::Tensor
     } else if (options.noise == NoiseSource::kTorch) {
       z = at::randn(y.sizes(), options.generator, y.options());
     }
-    y = reverse_step.call(y, eps.to(at::kFloat), coefs[i], z, options.clip, options.generator);
+    if (options.multistep) {
+      std::tie(y, x0_prev) = reverse_step_multistep.call(y, eps.to(at::kFloat), coefs[i], x0_prev,
+                                                         z, options.clip, options.generator);
+    } else {
+      y = reverse_step.call(y, eps.to(at::kFloat), coefs[i], z, options.clip, options.generator);
+    }
     if (options.callback) {
       options.callback(i, y);
     }

@@ -1,4 +1,5 @@
-"""sr3fast::reverse_step (csrc/reverse_step/): fake kernel and the backend function."""
+"""sr3fast::reverse_step and sr3fast::reverse_step_multistep (csrc/reverse_step/): fake kernels
+and the backend function."""
 from __future__ import annotations
 
 import torch
@@ -13,13 +14,29 @@ def _reverse_step_fake(y_t, eps, coefs, noise=None, clip=None, generator=None):
     return torch.empty_like(kernel_layout(y_t))
 
 
+@torch.library.register_fake("sr3fast::reverse_step_multistep")
+def _reverse_step_multistep_fake(y_t, eps, coefs, x0_prev, noise=None, clip=None, generator=None):
+    layout = kernel_layout(y_t)
+    return torch.empty_like(layout), torch.empty_like(layout)
+
+
 def reverse_step(y_t: torch.Tensor, eps: torch.Tensor, coefs: torch.Tensor,
                  noise: torch.Tensor | None = None, clip: float | None = None,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
+                 generator: torch.Generator | None = None,
+                 x0_prev: torch.Tensor | None = None):
     """One fused reverse-diffusion update; see sr3fast.reference.reverse_step.
 
-    Without `noise`, z is drawn inside the op: on CPU exactly as the reference draws it (same
-    generator, same values); on CUDA in-kernel with Philox from the generator's CUDA-graph-safe
-    state, so a captured sampling loop replays with fresh noise.
+    Without x0_prev: sr3fast::reverse_step, returns y_prev (coefs (B, 5) or (B, 6), m2 unread).
+    With x0_prev (multistep samplers; coefs (B, 6)): sr3fast::reverse_step_multistep, returns
+    (y_prev, x0), y_prev = ((m0·x0 + m1·y_t) + m2·x0_prev) + sigma·z and x0 this step's clamped
+    estimate in y_t's dtype and layout, the next step's x0_prev.
+
+    Without `noise`, z is drawn inside the op, the same way by both ops: on CPU exactly as the
+    reference draws it (same generator, same values); on CUDA in-kernel with Philox from the
+    generator's CUDA-graph-safe state, so a captured sampling loop replays with fresh noise.
     """
-    return torch.ops.sr3fast.reverse_step(y_t, eps, coefs, noise, clip, generator)
+    if x0_prev is None:
+        return torch.ops.sr3fast.reverse_step(y_t, eps, coefs, noise, clip, generator)
+    y_prev, x0 = torch.ops.sr3fast.reverse_step_multistep(y_t, eps, coefs, x0_prev, noise, clip,
+                                                          generator)
+    return y_prev, x0
