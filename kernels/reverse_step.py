@@ -1,21 +1,28 @@
 """The fused reverse-diffusion update, one pass over memory.
 
-Per element of sample b, with (a, b', m0, m1, sigma) = coefs[b]:
+Per element of sample b, with (a, b', m0, m1, sigma[, m2]) = coefs[b]:
 
     x0     = a·y_t − b'·eps
-    x0     = clamp(x0, −clip, clip)            (HAS_CLIP)
-    y_prev = m0·x0 + m1·y_t + sigma·z
+    x0     = clamp(x0, −clip, clip)                          (HAS_CLIP)
+    y_prev = (m0·x0 + m1·y_t) + sigma·z                      (single-step samplers)
+    y_prev = ((m0·x0 + m1·y_t) + m2·x0_prev) + sigma·z       (HAS_HISTORY: multistep samplers)
 
-Maths in fp32 whatever the storage dtype (fp32 / fp16 / bf16; y_t, eps and noise may differ).
+and with HAS_HISTORY the clamped x0 is written out as well, in y_t's dtype: the next step's
+x0_prev. One kernel serves both (HAS_HISTORY is a constexpr: on sm_90 the single-step variant's
+SASS is instruction for instruction what it was before the flag existed, but for the parameter
+offsets of the two added pointers). Maths in fp32 whatever the storage dtype (fp32 / fp16 /
+bf16; y_t, eps, noise and x0_prev may differ).
 
 Memory traffic: one read of y_t and eps, one read of z when it is given, one write of y_prev,
 plus 20 bytes of coefficients (and 8 of seed) per program, cached. With in-kernel noise that is
-3 elements of traffic per element (6 B in bf16, 12 B in fp32); with given noise, 4.
+3 elements of traffic per element (6 B in bf16, 12 B in fp32); with given noise, 4. HAS_HISTORY
+adds a read of x0_prev, a write of x0 and 4 bytes of coefficient (m2): 5 elements of traffic per
+element with in-kernel noise (10 B in bf16, 20 B in fp32), 6 with given noise.
 
 Layout: the kernel sees every tensor as a flat (B, N) array in memory order, N = numel / B,
 sample b at [b·N, (b+1)·N). That holds for any dense layout in which the batch dimension is
-outermost in memory (contiguous, channels-last, ...), provided y_t, eps, noise and y_prev share
-it; `launch_reverse_step` makes sure they do, copying only when they do not.
+outermost in memory (contiguous, channels-last, ...), provided y_t, eps, noise, x0_prev, y_prev
+and x0 share it; `launch_reverse_step` makes sure they do, copying only when they do not.
 
 Grid: 1-D, B · ceil(N / BLOCK) programs; program p handles elements
 [j·BLOCK, (j+1)·BLOCK) of sample b = p // ceil(N / BLOCK), j = p % ceil(N / BLOCK). One integer
@@ -41,9 +48,22 @@ instructions per element in all. Hence:
   - the four normals are interleaved with join + reshape (order-preserving), which keeps z in
     the loads' layout: each thread draws the noise of exactly the elements it loads
     (quarter-tiles instead made Triton move z through shared memory).
-Compiled for sm_90 (Triton 3.8, this file's BLOCK and NUM_WARPS; static SASS, branch-free):
-~57 instructions per element with in-kernel noise, ~16 with given noise; 16-byte loads and
-stores; no shared or local memory; 63 registers in bf16, 143 in fp32. Measure before trusting.
+With HAS_HISTORY the same arithmetic gives a larger budget, because more bytes move per element:
+10 B in bf16 is 285-335 G elements/s, 90-105 instructions per element, against the few the
+history adds (a load and conversion of x0_prev, a multiply-add, a conversion and store of x0).
+Compiled for sm_90 (Triton 3.8, this file's BLOCK and NUM_WARPS; static SASS counted with
+cuobjdump, branch-free; 16-byte loads and stores; no shared or local memory):
+  single-step   ~54-57 instructions per element with in-kernel noise, ~10-16 with given noise;
+                61-62 registers in bf16, 142 in fp32 (in-kernel noise);
+  HAS_HISTORY   ~56-61 with in-kernel noise, ~13-20 with given noise; 102-103 registers in
+                bf16, 134 in fp32 (in-kernel noise).
+In the history variant ptxas issues a thread's twelve 16-byte loads (bf16: y_t, eps, x0_prev)
+together, two thirds into the noise computation, and holds them across the rest of it: hence
+102-103 registers in bf16, 4 resident programs (16 warps) per SM instead of 8. That still puts
+up to ~100 KB of loads in flight per SM, against the ~20 KB per SM that Little's law asks of
+3.35 TB/s at ~0.8 µs of latency, so it should stay memory-bound; this is an estimate from the
+static code, not a measurement (the history variant's throughput has not been measured).
+Measure before trusting.
 """
 from __future__ import annotations
 
@@ -102,10 +122,13 @@ def _normal_pair(bits_r, bits_theta):
 def reverse_step_kernel(
     y_ptr,          # y_t: (B, N) flat in memory order, fp32/fp16/bf16
     eps_ptr,        # eps: (B, N), same layout as y_t, any float dtype
+    x0_prev_ptr,    # previous x0: (B, N), same layout as y_t, any float dtype; HAS_HISTORY only
     noise_ptr,      # z: (B, N), same layout as y_t; never read when GENERATE_NOISE
     seed_ptr,       # (1,) int64 Philox key on the device; read only when GENERATE_NOISE
-    coefs_ptr,      # (B, 5) float32 (a, b, m0, m1, sigma); strides (coef_stride_b, coef_stride_k)
+    coefs_ptr,      # (B, 5 or 6) float32 (a, b, m0, m1, sigma[, m2]); strides (coef_stride_b,
+                    # coef_stride_k); column 5 (m2) is read only when HAS_HISTORY
     out_ptr,        # y_prev: (B, N), same layout as y_t, y_t's dtype
+    x0_ptr,         # x0 (clamped) out: (B, N), same layout as y_t, y_t's dtype; HAS_HISTORY only
     N,              # elements per sample
     blocks_per_sample,  # ceil(N / BLOCK)
     coef_stride_b,  # coefs.stride(0), may be 0 (one row broadcast over the batch)
@@ -113,6 +136,7 @@ def reverse_step_kernel(
     clip,           # fp32 clamp bound, read only when HAS_CLIP
     HAS_CLIP: tl.constexpr,
     GENERATE_NOISE: tl.constexpr,
+    HAS_HISTORY: tl.constexpr,  # the multistep update: + m2·x0_prev, and x0 written out
     BLOCK: tl.constexpr,  # elements per program, a multiple of 4 · 32 · num_warps
 ):
     pid = tl.program_id(0)
@@ -150,7 +174,15 @@ def reverse_step_kernel(
         # NaN in, NaN out, as torch.clamp: a diverging sampler must not be hidden by the clip.
         x0 = tl.minimum(tl.maximum(x0, -clip, propagate_nan=tl.PropagateNan.ALL), clip,
                         propagate_nan=tl.PropagateNan.ALL)
-    y_prev = m0 * x0 + m1 * y + sigma * z
+    y_prev = m0 * x0 + m1 * y
+    if HAS_HISTORY:
+        m2 = tl.load(row + 5 * coef_stride_k)
+        x0_prev = tl.load(x0_prev_ptr + base + offsets, mask=mask).to(tl.float32)
+        y_prev = y_prev + m2 * x0_prev
+        tl.store(x0_ptr + base + offsets, x0.to(x0_ptr.dtype.element_ty), mask=mask)
+    # ((m0·x0 + m1·y) [+ m2·x0_prev]) + sigma·z, in the contract's order (the compiler may fuse
+    # a multiply into the add that follows it; the tests' tolerances allow either).
+    y_prev = y_prev + sigma * z
     tl.store(out_ptr + base + offsets, y_prev.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -179,14 +211,22 @@ def _in_layout_of(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 def launch_reverse_step(y_t: torch.Tensor, eps: torch.Tensor, coefs: torch.Tensor,
                         noise: torch.Tensor | None, seed: torch.Tensor | None,
-                        clip: float | None) -> torch.Tensor:
-    """y_prev for y_t, eps, noise of one shape (B, ...) and coefs (B, 5) float32, all on one device.
+                        clip: float | None, x0_prev: torch.Tensor | None = None
+                        ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """One launch of the update for y_t, eps, noise (and x0_prev) of one shape (B, ...) and
+    coefs (B, 5) or (B, 6) float32, all on one device.
+
+    Without x0_prev: returns y_prev; coefs columns 0..4 are read, a sixth (m2) is ignored.
+    With x0_prev (the previous step's clamped x0, any float dtype; coefs must be (B, 6)):
+    returns (y_prev, x0), y_prev = ((m0·x0 + m1·y_t) + m2·x0_prev) + sigma·z and x0 this step's
+    clamped estimate, in y_t's dtype and in y_prev's layout (the next step's x0_prev).
 
     Exactly one of noise (z) and seed ((1,) int64 on the device: Philox key for in-kernel z) is
-    given. Fast path: y_t dense with the batch outermost (contiguous or channels-last) and eps /
-    noise in the same layout — no copies, and y_prev gets y_t's strides. Otherwise y_t is first
-    copied to contiguous (channels-last when its channels are innermost) and eps / noise to
-    y_t's layout; those copies cost a read and a write each.
+    given; the same seed draws the same z with and without x0_prev. Fast path: y_t dense with the
+    batch outermost (contiguous or channels-last) and eps / noise / x0_prev in the same layout —
+    no copies, and y_prev (and x0) get y_t's strides. Otherwise y_t is first copied to contiguous
+    (channels-last when its channels are innermost) and eps / noise / x0_prev to y_t's layout;
+    those copies cost a read and a write each.
 
     The launch goes through torch.library.wrap_triton so that, called from a triton_op,
     torch.compile and torch.export trace the kernel itself; outside tracing it is a plain launch.
@@ -196,6 +236,15 @@ def launch_reverse_step(y_t: torch.Tensor, eps: torch.Tensor, coefs: torch.Tenso
     if seed is not None and (seed.dtype != torch.int64 or seed.numel() != 1):
         raise ValueError(f"launch_reverse_step: seed must be one int64 element, got {seed.dtype} "
                          f"{tuple(seed.shape)}")
+    history = x0_prev is not None
+    widths = (6,) if history else (5, 6)
+    if coefs.dim() != 2 or coefs.shape[1] not in widths:
+        wanted = ("(B, 6) float32 (a, b, m0, m1, sigma, m2) when x0_prev is given" if history
+                  else "(B, 5) or (B, 6) float32 (a, b, m0, m1, sigma[, m2])")
+        raise ValueError(f"launch_reverse_step: coefs must be {wanted}; got {tuple(coefs.shape)}")
+    if history and x0_prev.shape != y_t.shape:
+        raise ValueError(f"launch_reverse_step: x0_prev {tuple(x0_prev.shape)} must match y_t "
+                         f"{tuple(y_t.shape)}")
     out_dtype = y_t.dtype
     if not _is_dense_batch_major(y_t):
         channels_last = y_t.dim() == 4 and y_t.stride(1) == 1 and y_t.shape[1] > 1
@@ -204,21 +253,26 @@ def launch_reverse_step(y_t: torch.Tensor, eps: torch.Tensor, coefs: torch.Tenso
     eps = _in_layout_of(eps, y_t)
     if noise is not None:
         noise = _in_layout_of(noise, y_t)
+    if history:
+        x0_prev = _in_layout_of(x0_prev, y_t)
     out = torch.empty_like(y_t, dtype=out_dtype)
+    x0 = torch.empty_like(y_t, dtype=out_dtype) if history else None
     if y_t.numel() == 0:
-        return out
+        return (out, x0) if history else out
 
     batch = y_t.shape[0]
     per_sample = y_t.numel() // batch
     blocks_per_sample = triton.cdiv(per_sample, BLOCK)
     wrap_triton(reverse_step_kernel)[(batch * blocks_per_sample,)](
         y_t, eps,
+        x0_prev if history else y_t,          # placeholder pointer, never read
         y_t if noise is None else noise,      # placeholder pointer, never read
         coefs if seed is None else seed,      # placeholder pointer, never read
         coefs, out,
+        x0 if history else out,               # placeholder pointer, never written
         per_sample, blocks_per_sample, coefs.stride(0), coefs.stride(1),
         0.0 if clip is None else float(clip),
-        HAS_CLIP=clip is not None, GENERATE_NOISE=noise is None,
+        HAS_CLIP=clip is not None, GENERATE_NOISE=noise is None, HAS_HISTORY=history,
         BLOCK=BLOCK, num_warps=NUM_WARPS,
     )
-    return out
+    return (out, x0) if history else out

@@ -7,6 +7,15 @@ its result, and every intermediate is bounded by the "magnitudes involved"
 M = |m0|·(|a·y| + |b·eps|) + |m1·y| + |sigma·z|. Either evaluation order (with or without FMA
 contraction) is within 3·eps32·M of the exact value, so two of them differ by at most 6·eps32·M
 (the clamp is 1-Lipschitz and does not add to it), plus one fp32 `tiny` for a flushed subnormal.
+
+The multistep update y_prev = ((m0·x0 + m1·y) + m2·x0_prev) + sigma·z (Triton tests at the end)
+adds one product and one addition. With u = eps32/2, A = |m0|·(|a·y| + |b·eps|), B = |m1·y|,
+C = |m2·x0_prev|, D = |sigma·z| and M' = A + B + C + D = M + C: the x0 chain and its product
+round by at most 3u·A, the other products by u·B, u·C, u·D, and the three additions by u·(A+B),
+u·(A+B+C), u·M'; in all 6u·A + 4u·B + 3u·C + 2u·D <= 3·eps32·M' (FMA contraction only removes
+roundings). So M' takes M's place: two evaluations differ by at most 6·eps32·M'. The x0 that the
+multistep op returns is fl(fl(a·y) − fl(b·eps)), clamped: within (2u + u²)·(|a·y| + |b·eps|) of
+the exact clamped value (the clamp being 1-Lipschitz).
 """
 from __future__ import annotations
 
@@ -575,3 +584,174 @@ def test_cuda_graph_replays_fresh_reproducible_noise(backend):
     assert not torch.equal(first, second)
     assert torch.equal(first, again)
     assert torch.equal(first, eager)
+
+
+# ------------------------------------------- multistep update (x0_prev), Triton backend
+#
+# Every backend's ops.reverse_step(x0_prev=...) is compared with the reference in
+# tests/test_reverse_step_multistep.py. Here: the Triton op itself (its registration, its x0
+# output, its noise), called through the backend module, so that the tests need no other layer.
+
+def _triton_step(*args, **kwargs):
+    from sr3fast.ops.triton.reverse_step import reverse_step as triton_reverse_step
+    return triton_reverse_step(*args, **kwargs)
+
+
+def _coefs6(batch: int, seed: int, device=DEVICE) -> torch.Tensor:
+    """(B, 6) float32: _coefs's five columns and m2 in [-1, 1] (DPM-Solver++ 2M's history weight
+    is negative and below 1 in size)."""
+    m2 = 2 * torch.rand(batch, 1, generator=_generator(seed + 100, "cpu")) - 1
+    return torch.cat([_coefs(batch, seed, "cpu"), m2], dim=1).to(device)
+
+
+def _history_inputs(shape, seed: int, dtype=torch.float32):
+    """y_t, eps, z ~ N(0, 1), x0_prev uniform in [-1, 1] (a clipped x0), coefs (B, 6)."""
+    y, eps, z, _ = _inputs(shape, seed, dtype)
+    x0_prev = (2 * torch.rand(shape, generator=_generator(seed + 2, "cpu")) - 1).to(DEVICE, dtype)
+    return y, eps, z, x0_prev, _coefs6(shape[0], seed + 1)
+
+
+def _magnitudes_history(y, eps, z, coefs, x0_prev) -> torch.Tensor:
+    """M' = M + |m2·x0_prev| (the module docstring), in float64."""
+    m2 = coefs[:, 5].double().reshape(coefs.shape[0], *([1] * (y.dim() - 1)))
+    return _magnitudes(y, eps, z, coefs[:, :5]) + (m2 * x0_prev.double()).abs()
+
+
+def _multistep_float64(y, eps, z, coefs, x0_prev, clip):
+    """(y_prev, clamped x0, |a·y| + |b·eps|) in float64, from the inputs' stored values."""
+    c = coefs.double().reshape(coefs.shape[0], 6, *([1] * (y.dim() - 1)))
+    a, b, m0, m1, sigma, m2 = c.unbind(dim=1)
+    y, eps, z, x0_prev = (t.double() for t in (y, eps, z, x0_prev))
+    x0 = a * y - b * eps
+    if clip is not None:
+        x0 = x0.clamp(-clip, clip)
+    return m0 * x0 + m1 * y + m2 * x0_prev + sigma * z, x0, (a * y).abs() + (b * eps).abs()
+
+
+MULTISTEP_CASES = {
+    # y_t's dtype, x0_prev's dtype, y_t channels-last (x0_prev stays contiguous: a layout copy)
+    "fp32": (torch.float32, torch.float32, False),
+    "fp32-bf16-history": (torch.float32, torch.bfloat16, False),
+    "fp32-channels-last": (torch.float32, torch.float32, True),
+    "bf16": (torch.bfloat16, torch.bfloat16, False),
+}
+
+
+@pytest.mark.parametrize("backend", TRITON_ONLY)
+@pytest.mark.parametrize("clip", [None, 1.0], ids=["noclip", "clip"])
+@pytest.mark.parametrize("case", MULTISTEP_CASES.values(), ids=MULTISTEP_CASES.keys())
+def test_multistep_outputs_x0_and_y_prev(backend, case, clip):
+    """x0 is this step's clamped estimate and y_prev the multistep update (given noise), both in
+    y_t's dtype and layout, against float64 from the same stored inputs. A NaN in eps stays NaN
+    in both outputs through the clip, as with torch.clamp. Shape (3, 3, 33, 47): two blocks per
+    sample with a ragged tail. Bounds: the module docstring; bf16 outputs add the final store's
+    rounding (as in test_random_shapes)."""
+    dtype, history_dtype, channels_last = case
+    shape = (3, 3, 33, 47)
+    y, eps, z, x0_prev, coefs = _history_inputs(shape, seed=200, dtype=dtype)
+    x0_prev = x0_prev.to(history_dtype)
+    eps.view(3, -1)[1, 5] = float("nan")
+    if channels_last:
+        y, eps, z = (t.contiguous(memory_format=torch.channels_last) for t in (y, eps, z))
+    y_prev, x0 = _triton_step(y, eps, coefs, noise=z, clip=clip, x0_prev=x0_prev)
+    for name, out in (("y_prev", y_prev), ("x0", x0)):
+        assert out.dtype == dtype and out.shape == y.shape and out.stride() == y.stride(), name
+
+    expected_y, expected_x0, products = _multistep_float64(y, eps, z, coefs, x0_prev, clip)
+    nan = expected_x0.isnan()
+    assert nan.sum() == 1 and torch.equal(x0.isnan(), nan) and torch.equal(y_prev.isnan(), nan)
+    x0_error = (EPS32 + EPS32**2 / 4) * products + torch.finfo(torch.float32).tiny
+    y_error = 6 * EPS32 * _magnitudes_history(y, eps, z, coefs, x0_prev)
+    store = 0.0 if dtype == torch.float32 else (
+        _bf16_store_rounding_ulps(backend) * torch.finfo(dtype).eps)
+    for name, actual, expected, error in (("x0", x0, expected_x0, x0_error),
+                                          ("y_prev", y_prev, expected_y, y_error)):
+        actual, expected, error = actual.double()[~nan], expected[~nan], error[~nan]
+        report(f"{backend} {name} clip={clip}", actual, expected)
+        bound = store * (expected.abs() + error) + error
+        excess = ((actual - expected).abs() - bound).max().item()
+        assert excess <= 0, f"{name}: exceeds its bound by {excess:.3e}"
+    if clip is not None:
+        assert x0.double()[~nan].abs().max().item() <= clip
+
+
+@pytest.mark.parametrize("backend", TRITON_ONLY)
+@pytest.mark.parametrize("clip", [None, 1.0], ids=["noclip", "clip"])
+def test_multistep_draws_the_single_step_noise(backend, clip):
+    """One generator state gives the same in-kernel z with and without history:
+      - a zero history changes nothing, bit for bit: m2·0 is an exact zero, and adding it leaves
+        the partial sum as it was, so the remaining operations are the single-step op's own;
+      - with a history, y_prev(history) − y_prev(single-step) is m2·x0_prev up to the two
+        evaluations' errors, 3·eps32·M' + 3·eps32·M <= 6·eps32·M' (module docstring), where a
+        different z would differ by sigma·(z − z'), far above that: checked with another seed.
+    The single-step op reads the (B, 6) table's first five columns."""
+    shape = (2, 3, 33, 47)
+    y, eps, _, x0_prev, coefs = _history_inputs(shape, seed=210)
+    single = _triton_step(y, eps, coefs, clip=clip, generator=_generator(5))
+    zero_history, _ = _triton_step(y, eps, coefs, clip=clip, generator=_generator(5),
+                                   x0_prev=torch.zeros_like(y))
+    assert torch.equal(zero_history, single)
+
+    with_history, x0 = _triton_step(y, eps, coefs, clip=clip, generator=_generator(5),
+                                    x0_prev=x0_prev)
+    m2 = coefs[:, 5].double().reshape(2, 1, 1, 1)
+    history_term = m2 * x0_prev.double()  # exact: a product of two fp32 values in float64
+    # M' needs |z|: the kernel's Box-Muller radius is at most sqrt(-2 ln 1e-7) = 5.678 (its
+    # uniform is clamped at 1e-7), 5.7 with the rounding of log and sqrt.
+    z_max = torch.full_like(y, 5.7)
+    bound = 6 * EPS32 * _magnitudes_history(y, eps, z_max, coefs, x0_prev) + torch.finfo(
+        torch.float32).tiny
+    difference = with_history.double() - single.double()
+    report(f"{backend} history - single-step vs m2·x0_prev", difference, history_term)
+    assert ((difference - history_term).abs() <= bound).all()
+
+    other_seed, _ = _triton_step(y, eps, coefs, clip=clip, generator=_generator(6),
+                                 x0_prev=x0_prev)
+    beyond = ((other_seed.double() - single.double() - history_term).abs() > bound)
+    assert beyond.double().mean().item() > 0.99  # the check above would see another z
+
+
+@pytest.mark.parametrize("backend", TRITON_ONLY)
+def test_single_step_op_reads_five_columns_of_six(backend):
+    """sr3fast::reverse_step_triton accepts the (B, 6) table and ignores m2: bit for bit the
+    (B, 5) result (both with given noise and with the same generator state)."""
+    y, eps, z, _, coefs = _history_inputs((2, 3, 5, 7), seed=220)
+    assert torch.equal(_triton_step(y, eps, coefs, noise=z, clip=1.0),
+                       _triton_step(y, eps, coefs[:, :5].contiguous(), noise=z, clip=1.0))
+    assert torch.equal(_triton_step(y, eps, coefs, generator=_generator(3)),
+                       _triton_step(y, eps, coefs[:, :5].contiguous(), generator=_generator(3)))
+
+
+@pytest.mark.parametrize("backend", TRITON_ONLY)
+def test_multistep_rejects_five_column_coefs(backend):
+    y, eps, z, x0_prev, coefs = _history_inputs((2, 3, 5, 7), seed=230)
+    with pytest.raises(ValueError, match=r"\(B, 6\).*m2.*x0_prev"):
+        _triton_step(y, eps, coefs[:, :5], noise=z, x0_prev=x0_prev)
+
+
+@pytest.mark.parametrize("backend", TRITON_ONLY)
+def test_multistep_gradient_raises_clear_error(backend):
+    """The multistep op has no backward (samplers run without gradients); asking for one says so
+    and names the backend that differentiates."""
+    y, eps, z, x0_prev, coefs = _history_inputs((2, 3, 4, 4), seed=240)
+    y_prev, x0 = _triton_step(y.requires_grad_(), eps, coefs, noise=z, x0_prev=x0_prev)
+    with pytest.raises(NotImplementedError, match=r"no gradient.*backend\('reference'\)"):
+        (y_prev.sum() + x0.sum()).backward()
+
+
+def _multistep_op_args(noise_given: bool):
+    from sr3fast.ops.triton.reverse_step import draw_seed
+    y, eps, z, x0_prev, coefs = _history_inputs((2, 3, 5, 7), seed=250)
+    if noise_given:
+        return (y, eps, coefs, x0_prev, z, None, 1.0)
+    return (y, eps, coefs, x0_prev, None, draw_seed(DEVICE, _generator(0)), None)
+
+
+@pytest.mark.parametrize("backend", TRITON_ONLY)
+@pytest.mark.parametrize("checks", OPCHECKS)
+@pytest.mark.parametrize("noise_given", [True, False], ids=["noise", "seed"])
+def test_multistep_opcheck(backend, checks, noise_given):
+    args = _multistep_op_args(noise_given)
+    args[0].requires_grad_()  # exercises the autograd registration
+    torch.library.opcheck(torch.ops.sr3fast.reverse_step_multistep_triton.default, args,
+                          test_utils=checks)

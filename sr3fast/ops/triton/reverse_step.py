@@ -1,8 +1,16 @@
-"""Triton backend of reverse_step, registered as the custom op `sr3fast::reverse_step_triton`.
+"""Triton backend of reverse_step, registered as two custom ops over one kernel:
 
-The op is `(y_t, eps, coefs, noise?, seed?, clip?) -> y_prev`: a pure function of its inputs.
-Randomness enters only through `seed`, a (1,) int64 device tensor that `reverse_step` draws per
-call with torch's own RNG:
+    sr3fast::reverse_step_triton(y_t, eps, coefs, noise?, seed?, clip?) -> y_prev
+    sr3fast::reverse_step_multistep_triton(y_t, eps, coefs, x0_prev, noise?, seed?, clip?)
+        -> (y_prev, x0)
+
+The first is every single-step sampler's update (coefs (B, 5) or (B, 6), columns 0..4 read);
+the second adds the multistep history term, y_prev = ((m0·x0 + m1·y_t) + m2·x0_prev) + sigma·z
+with coefs (B, 6), and returns this step's clamped x0 (y_t's dtype and layout) for the next
+step. Both launch kernels/reverse_step.py's one kernel (HAS_HISTORY off / on) and are pure
+functions of their inputs. Randomness enters only through `seed`, a (1,) int64 device tensor that
+`reverse_step` draws per call with torch's own RNG, the same way for both ops (so one generator
+state gives the same z with and without history):
 
     seed = torch.randint(0, 2**63 - 1, (1,), generator=generator, device=y_t.device)
 
@@ -21,12 +29,17 @@ The in-kernel z is a different stream from torch.randn's, so it is tested statis
 follows memory order, so one seed gives different (equally valid) noise to a contiguous and a
 channels-last y_t. The cost is one 8-byte randint launch per step, which a CUDA graph absorbs.
 
-Autograd: the update is linear in y_t and eps (through the clamp's mask), so the backward is
-implemented for those two (plain torch ops, recomputing x0 for the mask; not a hot path).
-Gradients for coefs or noise raise NotImplementedError; use the reference backend for them.
+Autograd: the update is linear in y_t and eps (through the clamp's mask), so the single-step
+op's backward is implemented for those two (plain torch ops, recomputing x0 for the mask; not
+a hot path). Gradients for coefs or noise raise NotImplementedError; use the reference backend
+for them. The multistep op has no backward (samplers run without gradients): its autograd
+registration raises NotImplementedError saying so, and where to differentiate instead.
+
+Fake (meta) implementations: triton_op registers each op's own body as its fake, so shapes,
+dtypes and strides under FakeTensor / torch.compile are the launcher's own.
 """
 # No `from __future__ import annotations`: triton_op infers the schema from real annotations.
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 from torch.library import triton_op
@@ -75,6 +88,27 @@ def _backward(ctx, grad):
 reverse_step_triton.register_autograd(_backward, setup_context=_setup_context)
 
 
+@triton_op("sr3fast::reverse_step_multistep_triton", mutates_args=())
+def reverse_step_multistep_triton(y_t: torch.Tensor, eps: torch.Tensor, coefs: torch.Tensor,
+                                  x0_prev: torch.Tensor, noise: Optional[torch.Tensor],
+                                  seed: Optional[torch.Tensor],
+                                  clip: Optional[float]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(y_prev, x0) of the multistep update; coefs (B, 6), x0_prev shaped like y_t (any float
+    dtype); z as in reverse_step_triton (the same z for the same seed)."""
+    return launch_reverse_step(y_t, eps, coefs, noise, seed, clip, x0_prev=x0_prev)
+
+
+def _multistep_backward(ctx, grad_y_prev, grad_x0):
+    raise NotImplementedError(
+        "sr3fast reverse_step with x0_prev (the multistep update, triton backend) has no "
+        "gradient: samplers run under torch.no_grad(). To differentiate through it, run it under "
+        "sr3fast.backend('reference')")
+
+
+# Registered only to raise that clear error on backward (instead of torch's generic one).
+reverse_step_multistep_triton.register_autograd(_multistep_backward)
+
+
 def draw_seed(device: torch.device, generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """A (1,) int64 Philox key on `device`, drawn with `generator` (default: the device's)."""
     return torch.randint(0, _SEED_HIGH, (1,), generator=generator, device=device,
@@ -83,7 +117,13 @@ def draw_seed(device: torch.device, generator: Optional[torch.Generator] = None)
 
 def reverse_step(y_t: torch.Tensor, eps: torch.Tensor, coefs: torch.Tensor,
                  noise: Optional[torch.Tensor] = None, clip: Optional[float] = None,
-                 generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """sr3fast.reference.reverse_step run by one Triton kernel; arguments checked by sr3fast.ops."""
+                 generator: Optional[torch.Generator] = None,
+                 x0_prev: Optional[torch.Tensor] = None):
+    """sr3fast.reference.reverse_step run by one Triton kernel; arguments checked by sr3fast.ops.
+
+    Returns y_prev, or (y_prev, x0) when x0_prev is given (coefs (B, 6))."""
     seed = draw_seed(y_t.device, generator) if noise is None else None
-    return reverse_step_triton(y_t, eps, coefs, noise, seed, clip)
+    if x0_prev is None:
+        return reverse_step_triton(y_t, eps, coefs, noise, seed, clip)
+    y_prev, x0 = reverse_step_multistep_triton(y_t, eps, coefs, x0_prev, noise, seed, clip)
+    return y_prev, x0
