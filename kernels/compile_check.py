@@ -33,7 +33,7 @@ Scopes
                    groupnorm_silu in fp32 at one problem per path and layout (with the attention
                    norm's loop path, which once failed to compile), resblock and attn_norm flags;
                    attention (NCHW views) at d=512, L=256 and at the odd-sized L=15x15, and
-                   reverse_step, in fp32 and bf16. ~85 compiles: ~65 s on 2 cores.
+                   reverse_step, in fp32 and bf16. ~93 compiles: ~75 s on 2 cores.
 
 Variants
   groupnorm_silu  SR3's GroupNorms (the U-Nets of DESIGN.md Table A.1, 32 or 16 groups, batch 1 to
@@ -45,7 +45,8 @@ Variants
                   an odd-sized image (L=15x15, ragged: EVEN_M and EVEN_N off); q/k/v are strided
                   views of an NCHW or NHWC qkv convolution, as the U-Net passes them; fp32 / bf16 /
                   fp16; forward and backward.
-  reverse_step    fp32 / bf16 / fp16, in-kernel or given noise, with and without the clip.
+  reverse_step    fp32 / bf16 / fp16, in-kernel or given noise, with and without the clip,
+                  single-step and multistep (HAS_HISTORY: + m2·x0_prev, x0 written).
 
 "kept" says whether the autotuner may run that config there (its prune rule keeps it). The exit
 status is 1 when a compile fails or a kept config spills, else 0. Compiles run in --jobs
@@ -219,16 +220,21 @@ def attention_launches(shapes, dtypes, into: list, layouts=(False, True)) -> Non
 
 
 def reverse_step_launches(dtypes, into: list) -> None:
+    """Single-step (coefs (B, 5)) and multistep (HAS_HISTORY: coefs (B, 6), x0_prev in y_t's
+    dtype, as a sampling loop carries it) launches."""
     import torch
     rs = _kernel_modules()["reverse_step"]
-    for dtype, noise, clip in itertools.product(dtypes, (False, True), (None, 1.0)):
+    for dtype, noise, clip, history in itertools.product(dtypes, (False, True), (None, 1.0),
+                                                         (False, True)):
         y = _meta((4, 3, 256, 256), _torch_dtype(dtype))
-        coefs = _meta((4, 5), torch.float32)
-        label = f"{'given noise' if noise else 'philox noise'} {'clip' if clip else 'no clip'}"
+        coefs = _meta((4, 6 if history else 5), torch.float32)
+        label = (f"{'given noise' if noise else 'philox noise'} {'clip' if clip else 'no clip'}"
+                 f"{' history' if history else ''}")
         with _recording(into, "reverse_step", dtype, label):
             rs.launch_reverse_step(y, torch.empty_like(y), coefs,
                                    torch.empty_like(y) if noise else None,
-                                   None if noise else _meta((1,), torch.int64), clip)
+                                   None if noise else _meta((1,), torch.int64), clip,
+                                   x0_prev=torch.empty_like(y) if history else None)
 
 
 def quick_groupnorm_problems() -> list[tuple[int, int, int, int]]:
