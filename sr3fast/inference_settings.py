@@ -18,10 +18,12 @@ class InferenceSettings:
     """sampler: a name of sr3fast.diffusion.SAMPLERS, or None (by architecture).
     steps: sampling steps, or None (upscale's default).
     schedule: an inference noise-schedule dict (NoiseSchedule.from_config form) whose number of
-    steps is `steps`, or None: the model's training schedule respaced to `steps`.
+    steps is `steps`, or None: the model's training schedule respaced to `steps`. A "lambda"
+    schedule (what `sr3fast tune-schedule` writes) serves any step count: its n_timestep is
+    replaced (`schedule_for_steps`).
     start_gamma: start from the condition noised to this level g instead of from pure noise (the
     training schedule truncated there, sr3fast.diffusion.truncate; see sr3fast.upscale); None
-    or 0: from pure noise.
+    or 0: from pure noise. With a schedule, it must be the schedule's first level g_T.
     back_projections: back-projection steps toward the input after sampling (sr3fast.projection);
     0: none."""
     sampler: str | None = None
@@ -48,8 +50,7 @@ class InferenceSettings:
                 or self.back_projections < 0:
             raise ValueError(f"back_projections must be an integer >= 0, got {self.back_projections!r}")
         if self.start_gamma and self.schedule is not None:
-            raise ValueError("give an inference schedule or start_gamma, not both (start_gamma "
-                             "truncates the training schedule)")
+            check_schedule_start(self.schedule, self.start_gamma)
 
     def to_metadata(self) -> dict[str, str]:
         return {METADATA_KEY: json.dumps({"sampler": self.sampler, "steps": self.steps,
@@ -64,6 +65,31 @@ class InferenceSettings:
         data = json.loads(metadata[METADATA_KEY])
         return cls(sampler=data.get("sampler"), steps=data.get("steps"), schedule=data.get("schedule"),
                    start_gamma=data.get("start_gamma"), back_projections=data.get("back_projections", 0))
+
+
+def schedule_for_steps(schedule: dict | None, steps: int) -> dict | None:
+    """`schedule` with `steps` steps: a "lambda" schedule keeps its endpoints and spacing at any
+    step count; any other (a fixed table of levels) only serves its own, so None for other counts
+    (the caller then respaces the training schedule)."""
+    if schedule is None:
+        return None
+    if schedule.get("schedule") == "lambda":
+        return {**schedule, "n_timestep": steps}
+    return schedule if schedule.get("n_timestep") == steps else None
+
+
+def check_schedule_start(schedule, start_gamma: float) -> None:
+    """Sampling from the input noised to start_gamma over `schedule` (a NoiseSchedule or its
+    dict) needs the schedule to start there: its first level g_T must be start_gamma."""
+    from .diffusion import NoiseSchedule
+
+    if isinstance(schedule, dict):
+        schedule = NoiseSchedule.from_config(schedule)
+    g_T = schedule.gammas[-1].item()
+    if abs(g_T - start_gamma) > 1e-6 * max(start_gamma, 1e-12):
+        raise ValueError(f"start_gamma={start_gamma!r} but the schedule's first level is g_T={g_T!r}: "
+                         "sampling from the noised input starts at the schedule's first level, so "
+                         "they must agree (drop start_gamma, or pass a schedule that starts there)")
 
 
 def check_start_gamma(start_gamma) -> None:

@@ -218,12 +218,15 @@ def test_start_gamma_is_checked(tiny):
     x = torch.rand(1, 3, 4, 4)
     with pytest.raises(ValueError, match="start_gamma must lie in"):
         sr3fast.upscale(x, model=tiny, start_gamma=1.0, progress=False)
-    with pytest.raises(ValueError, match="not both"):
+    # with a schedule, sampling from the noised input starts at its first level: they must agree
+    with pytest.raises(ValueError, match="must agree"):
         sr3fast.upscale(x, model=tiny, start_gamma=0.5, progress=False,
                         schedule={"schedule": "linear", "n_timestep": 7, "linear_start": 1e-4, "linear_end": 0.1})
-    with pytest.raises(ValueError, match="not both"):
+    with pytest.raises(ValueError, match="must agree"):
         InferenceSettings(start_gamma=0.5, schedule={"schedule": "linear", "n_timestep": 7,
                                                      "linear_start": 1e-4, "linear_end": 0.1})
+    tuned = {"schedule": "lambda", "n_timestep": 7, "lambda_start": 0.0, "lambda_end": 5.0}
+    assert InferenceSettings(start_gamma=0.5, schedule=tuned).steps == 7   # g_T = sigmoid(0) = 0.5
 
 
 # --- back-projection ------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from typing import Mapping, Sequence, Union
 
 import torch
 
-SCHEDULES = ("linear", "quad", "warmup10", "warmup50", "const", "jsd", "cosine")
+SCHEDULES = ("linear", "quad", "warmup10", "warmup50", "const", "jsd", "cosine", "lambda")
 BetasLike = Union[str, Sequence[float], torch.Tensor]
 
 # The public SR3 code samples with log(max(posterior variance, 1e-20)): the variance is 0 at t = 1.
@@ -46,7 +46,39 @@ def _cosine(n_timestep: int, s: float) -> torch.Tensor:
     return (1 - g[1:] / g[:-1]).clamp(max=COSINE_MAX_BETA)
 
 
-def _named_betas(name: str, n: int, start: float, end: float, cosine_s: float) -> torch.Tensor:
+def lambda_levels(steps: int, lambda_start: float, lambda_end: float, rho: float = 1.0) -> torch.Tensor:
+    """The (steps,) float64 noise levels g_1..g_T whose half log-SNRs lambda = 0.5·log(g/(1 - g))
+    run from lambda_end (step 1, the least noisy) to lambda_start (step T, where sampling starts):
+
+        lambda at loop step i (i = 0 .. T-1, u = i/(T-1)) = lambda_start + (lambda_end - lambda_start)·u^rho
+
+    rho = 1 spaces the steps evenly in lambda (the spacing DPM-Solver's analysis assumes);
+    rho > 1 takes small steps at high noise and large ones near the end; rho < 1 the opposite.
+    One step: the single level lambda_start."""
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"lambda schedule: steps must be a positive integer, got {steps!r}")
+    if not (math.isfinite(lambda_start) and math.isfinite(lambda_end) and lambda_start < lambda_end):
+        raise ValueError(f"lambda schedule: need finite lambda_start < lambda_end (sampling goes from "
+                         f"noisy to clean), got {lambda_start!r}, {lambda_end!r}")
+    if not (math.isfinite(rho) and rho > 0):
+        raise ValueError(f"lambda schedule: rho must be positive, got {rho!r}")
+    u = _linspace(0, 1, steps) if steps > 1 else torch.zeros(1, dtype=torch.float64)
+    lam = lambda_start + (lambda_end - lambda_start) * u ** rho      # loop order: noisy first
+    return torch.sigmoid(2 * lam).flip(0)                            # g_1 .. g_T
+
+
+def _betas_of_levels(gammas: torch.Tensor) -> torch.Tensor:
+    return 1 - gammas / torch.cat([gammas.new_ones(1), gammas[:-1]])
+
+
+def _named_betas(name: str, n: int, start: float, end: float, cosine_s: float,
+                 lambda_start: float | None = None, lambda_end: float | None = None,
+                 rho: float = 1.0) -> torch.Tensor:
+    if name == "lambda":
+        if lambda_start is None or lambda_end is None:
+            raise ValueError("schedule 'lambda' needs lambda_start and lambda_end (the half "
+                             "log-SNRs of its noisiest and its cleanest level)")
+        return _betas_of_levels(lambda_levels(n, lambda_start, lambda_end, rho))
     if name == "linear":
         return _linspace(start, end, n)
     if name == "quad":
@@ -82,7 +114,8 @@ def _checked_betas(betas: torch.Tensor, what: str) -> torch.Tensor:
 
 
 def make_betas(schedule: BetasLike, n_timestep: int | None = None, linear_start: float = 1e-4,
-               linear_end: float = 2e-2, cosine_s: float = 8e-3) -> torch.Tensor:
+               linear_end: float = 2e-2, cosine_s: float = 8e-3, *, lambda_start: float | None = None,
+               lambda_end: float | None = None, rho: float = 1.0) -> torch.Tensor:
     """The (T,) float64 beta table of a named schedule, as defined by the public SR3 code's
     `make_beta_schedule`, or the given betas checked.
 
@@ -90,13 +123,16 @@ def make_betas(schedule: BetasLike, n_timestep: int | None = None, linear_start:
     must then equal their count). "linear" and "quad" run from linear_start to linear_end;
     "warmup10"/"warmup50" ramp linearly over the first 10%/50% of steps, then hold linear_end;
     "const" is linear_end throughout; "jsd" is 1/T, 1/(T-1), ..., 1; "cosine" ignores
-    linear_start/linear_end and uses cosine_s.
+    linear_start/linear_end and uses cosine_s. "lambda" (an inference schedule, sr3fast's own)
+    places the levels by half log-SNR from lambda_start to lambda_end with spacing rho
+    (`lambda_levels`); `sr3fast tune-schedule` searches its lambda_end and rho.
     """
     if isinstance(schedule, str):
         if isinstance(n_timestep, bool) or not isinstance(n_timestep, int) or n_timestep < 1:
             raise ValueError(f"make_betas({schedule!r}): n_timestep must be a positive integer "
                              f"(the number of diffusion steps T), got {n_timestep!r}")
-        betas = _named_betas(schedule, n_timestep, linear_start, linear_end, cosine_s)
+        betas = _named_betas(schedule, n_timestep, linear_start, linear_end, cosine_s,
+                             lambda_start, lambda_end, rho)
         what = (f"schedule {schedule!r} with n_timestep={n_timestep}, linear_start={linear_start}, "
                 f"linear_end={linear_end}")
         return _checked_betas(betas, what)
@@ -112,7 +148,8 @@ def make_betas(schedule: BetasLike, n_timestep: int | None = None, linear_start:
     return betas
 
 
-_CONFIG_KEYS = ("schedule", "n_timestep", "linear_start", "linear_end", "cosine_s")
+_CONFIG_KEYS = ("schedule", "n_timestep", "linear_start", "linear_end", "cosine_s", "lambda_start",
+                "lambda_end", "rho")
 
 
 @dataclass(frozen=True, eq=False, repr=False)
@@ -169,7 +206,8 @@ class NoiseSchedule:
     def from_config(cls, config: Mapping) -> "NoiseSchedule":
         """From a schedule dict as in the public SR3 JSON configs and `model.config.schedule`:
         {"schedule": "linear", "n_timestep": 2000, "linear_start": 1e-6, "linear_end": 1e-2}
-        ("cosine_s" optional)."""
+        ("cosine_s" optional), or sr3fast's inference schedule
+        {"schedule": "lambda", "n_timestep": 20, "lambda_start": 0.0, "lambda_end": 6.0, "rho": 1.0}."""
         if not isinstance(config, Mapping):
             raise TypeError(f"NoiseSchedule.from_config expects a dict, got {type(config).__name__}")
         if "schedule" not in config:
