@@ -20,6 +20,7 @@ _LAZY = {
     "load": ("sr3fast.api", "load"),
     "upscale": ("sr3fast.api", "upscale"),
     "save": ("sr3fast.api", "save"),
+    "cascade": ("sr3fast.cascades", "cascade"),
     "SR3": ("sr3fast.model", "SR3"),
     "presets": ("sr3fast.model", "presets"),
     "accelerate": ("sr3fast.acceleration", "accelerate"),

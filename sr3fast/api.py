@@ -9,7 +9,8 @@ import torch.nn.functional as F
 
 from .checkpoint import CheckpointError, check_state_dict, read_checkpoint, save_checkpoint
 from .images import from_unit_batch, to_unit_batch
-from .inference_settings import InferenceSettings, check_start_gamma
+from .inference_settings import (InferenceSettings, check_schedule_start, check_start_gamma,
+                                 schedule_for_steps)
 from .projection import back_project
 
 # The default model: trained by scripts/train_default.sh, shipped inside the package
@@ -172,7 +173,8 @@ def _default_sampler(model) -> str:
 def upscale(x, model=None, *, steps: int | None = None, sampler: str | None = None, seed: int | None = None,
             eta: float | None = None, progress: bool = True, noise: str = "torch", schedule=None,
             loop: str = "python", package=None, start_gamma: float | None = None,
-            back_projections: int | None = None):
+            back_projections: int | None = None, tile=None, tile_overlap: int | None = None,
+            max_memory: int | None = None, scale: int | None = None):
     """Super-resolve `x` with SR3 (Algorithm 2 of the paper, or the sampler named).
 
     x: float tensor (B, 3, h, w) in [0, 1], uint8 tensor, PIL image, or image path. Returns the
@@ -207,15 +209,38 @@ def upscale(x, model=None, *, steps: int | None = None, sampler: str | None = No
     sr3fast.diffusion.loops). package: a path from `sr3fast export`, the U-Net compiled ahead of
     time for this output size and batch, used in place of the model's forward.
 
+    tile: sample on overlapping tiles of this side in output pixels, blending the tiles' noise
+    predictions into one canvas every step before ONE reverse step with one noise draw
+    (sr3fast.tiling), so memory is bounded and no seam forms; a tile covering the image is
+    untiled sampling exactly. None (default): tile only when the image does not fit
+    `max_memory`; False: never tile. tile_overlap: pixels neighbouring tiles share (default a
+    quarter of the tile). max_memory: bytes sampling may use beyond what is in use when it
+    starts (None: what the device can hold, sr3fast.tiling.available_memory); with tile=None it
+    picks the tile, with a tile it bounds how many tiles go through the U-Net at once.
+
+    scale: the overall factor; a power of the model's factor runs it as a cascade of that many
+    stages (scale=16 with the default 4x model: 4x, then 4x on the result), each stage with its
+    own seed. Pass sr3fast.cascade([...]) as model for different models, steps or samplers per
+    stage (the paper's 64->256->1024).
+
     Raises FloatingPointError when the sampled image holds NaN or Inf (non-finite weights, or a
     precision too narrow for the model) rather than return it.
     """
+    from .cascades import Cascade, repeated
     from .diffusion import NoiseSchedule, respace, sample, truncate
+    from .tiling import tiler_for
 
     if model is None:
         model = _default_model()
-    elif not hasattr(model, "predict_noise"):
+    elif not hasattr(model, "predict_noise") and not isinstance(model, Cascade):
         model = load(model, seed=seed)
+    if scale is not None and not isinstance(model, Cascade):
+        model = repeated(model, scale)
+    if isinstance(model, Cascade):
+        return model.upscale(x, scale=scale, steps=steps, sampler=sampler, seed=seed, eta=eta,
+                             progress=progress, noise=noise, schedule=schedule, loop=loop,
+                             package=package, start_gamma=start_gamma, back_projections=back_projections,
+                             tile=tile, tile_overlap=tile_overlap, max_memory=max_memory)
     if getattr(model, "objective", "diffusion") != "diffusion":
         raise ValueError(f"this model was trained as the paper's {model.objective} baseline: it predicts "
                          "the image in one pass, not noise, so it cannot be sampled. Use "
@@ -254,7 +279,13 @@ def upscale(x, model=None, *, steps: int | None = None, sampler: str | None = No
     if package is not None:        # opened here: the sampling loops read no files
         from .export import open_package
         package = open_package(package, model=model)
-    result = sample(sampler, model, condition.to(dtype), schedule, **options, y_T=y_T,
+        if tile is None:           # a package runs the one size it was compiled for
+            tile = False if tile_overlap is None and max_memory is None else tile
+    tiler = tiler_for(model, condition.shape, device, dtype, tile, tile_overlap, max_memory)
+    if tiler is not None and package is not None:
+        raise ValueError("a package from `sr3fast export` runs the U-Net at the one size it was compiled "
+                         "for, so it cannot run tiles; drop package= to tile, or pass tile=False")
+    result = sample(sampler, tiler or model, condition.to(dtype), schedule, **options, y_T=y_T,
                     generator=generator, noise=noise, progress=progress, loop=loop, package=package)
     result = result[..., :height, :width].float()
     if not torch.isfinite(result).all():        # once, after the last step: no sync per step
@@ -277,28 +308,35 @@ def _default_model():
 
 def _settings(model, sampler, steps, schedule, eta=None, start_gamma=None):
     """(sampler, steps, schedule, start_gamma) from the caller's, else the model's recommended,
-    else the defaults. A recommended schedule goes with its own step count: asking for other
-    steps respaces the training schedule instead. A schedule of the caller's is used as given
-    (no recommended start_gamma). eta is checked against the sampler it would go to."""
+    else the defaults. A schedule of the caller's is used as given (with start_gamma only if the
+    caller gives it, matching the schedule's first level). Otherwise the recommended schedule is
+    used at the requested steps when it can serve them (a tuned "lambda" schedule serves any;
+    a fixed one its own count) and the sampling starts where it was tuned to start; failing
+    that, the training schedule is respaced (and truncated at start_gamma) by upscale. eta is
+    checked against the sampler it would go to."""
+    from .diffusion.coefficients import ETA_DEFAULT
+
     recommended = getattr(model, "inference_settings", None) or InferenceSettings()
     if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
         raise ValueError(f"steps must be a positive integer, got {steps!r}")
     check_start_gamma(start_gamma)
-    if start_gamma and schedule is not None:
-        raise ValueError("pass schedule= or start_gamma=, not both: start_gamma truncates the "
-                         "model's training schedule")
-    if start_gamma is None and schedule is None:
-        start_gamma = recommended.start_gamma
-    if schedule is None and steps is None and not start_gamma:
-        schedule = recommended.schedule
+    if schedule is not None:
+        if start_gamma:
+            check_schedule_start(schedule, start_gamma)
+    else:
+        if start_gamma is None:
+            start_gamma = recommended.start_gamma
+        if recommended.schedule is not None and start_gamma == recommended.start_gamma:
+            schedule = schedule_for_steps(recommended.schedule, steps or recommended.steps)
     steps = steps or recommended.steps or 100
     sampler = sampler or recommended.sampler or _default_sampler(model)
     if eta is not None and not 0 <= eta <= 1:
-        raise ValueError(f"eta must lie in [0, 1] (0: deterministic DDIM, 1: the posterior variance), "
+        raise ValueError(f"eta must lie in [0, 1] (0: deterministic, 1: the posterior variance), "
                          f"got {eta!r}")
-    if eta is not None and sampler != "ddim":
-        raise ValueError(f"eta is DDIM's noise scale, but the sampler is {sampler!r}, which has none; "
-                         "pass sampler='ddim' (--sampler ddim) to use eta, or drop eta")
+    if eta is not None and sampler not in ETA_DEFAULT:
+        raise ValueError(f"eta is the noise scale of {' and '.join(ETA_DEFAULT)}, but the sampler is "
+                         f"{sampler!r}, which has none; pass sampler='dpmpp_2m_sde' or 'ddim' "
+                         "(--sampler) to use eta, or drop eta")
     return sampler, steps, schedule, start_gamma
 
 

@@ -11,8 +11,9 @@ Backends:
 Selection: `set_backend(name)`, `with backend(name):`, or the SR3FAST_BACKEND environment
 variable as the default. Forcing a backend that is unavailable raises `BackendUnavailable`
 saying why; it never falls back silently. A forced backend that is available but does not
-implement one op (the CPU extension has no attention kernel, say) runs the reference for that
-op, and `explain_backend()` shows it.
+implement one op (the cuda backend has no attention kernel, say) runs the reference for that
+op, and `explain_backend()` shows it. The cpu backend's attention is torch's fused CPU kernel
+(sr3fast/ops/extension/attention.py), which never stores the L×L scores.
 
 Importing this module imports neither torch nor triton and touches no GPU.
 """

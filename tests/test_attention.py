@@ -593,3 +593,50 @@ def test_sr3_shapes_bf16(backend, shape, layout):
     batch, length, width = shape
     q, k, v = make_qkv(batch, 1, length, length, width, layout, torch.bfloat16, requires_grad=True)
     check_against_reference(fast_attention(backend), q, k, v, None, f"SR3 {shape} {layout}")
+
+
+# ---- the cpu backend: torch's fused CPU attention, memory O(L·d) --------------------------------
+
+needs_cpu_backend = pytest.mark.skipif(backends.unavailable_reason("cpu", "cpu") is not None,
+                                       reason=str(backends.unavailable_reason("cpu", "cpu")))
+
+
+@needs_cpu_backend
+def test_auto_runs_attention_on_the_cpu_backend():
+    with sr3fast.backend("auto"):
+        assert backends.resolve("attention", "cpu") == "cpu"
+
+
+@needs_cpu_backend
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="measures CPU memory")
+def test_cpu_attention_never_stores_the_scores():
+    """At L = 64² (a 64x64 feature map) the L×L fp32 scores take 64 MiB; the reference stores
+    them (and its softmax), the cpu backend must stay below a quarter of one such matrix while
+    returning the reference's values (U-Net layout: views of one qkv tensor, L-fastest, which
+    torch's fused kernel does not take as they are). Measured as the process's peak memory."""
+    from sr3fast.tiling import PeakMemory, cpu_peak_supported
+    if not cpu_peak_supported():
+        pytest.skip("measuring peak memory needs Linux /proc")
+    length, width = 64 * 64, 64
+    q, k, v = (t.cpu() for t in make_qkv(1, 1, length, length, width, "unet"))
+    scores = length * length * 4
+    with sr3fast.backend("cpu"), PeakMemory("cpu") as fast:
+        out = ops.attention(q, k, v)
+    with PeakMemory("cpu") as oracle:
+        expected = reference.attention(q, k, v)
+    print(f"peak: cpu backend {fast.bytes / 2**20:.1f} MiB, reference {oracle.bytes / 2**20:.1f} MiB, "
+          f"L×L fp32 {scores / 2**20:.0f} MiB")
+    assert oracle.bytes >= scores            # the measurement sees an L×L matrix when there is one
+    assert fast.bytes < scores / 4
+    max_err, _ = report("cpu attention at L=4096 vs reference", out, expected)
+    v_max = v.abs().max().item()
+    # both in fp32, each within the random-walk floor of the exact result: twice the floor
+    assert max_err <= 2 * fp32_atol(width + length, v_max)
+
+
+@needs_cpu_backend
+def test_cpu_attention_refuses_integer_inputs():
+    from sr3fast.ops.extension.attention import attention
+    q = torch.ones(1, 1, 4, 8, dtype=torch.int32)
+    with pytest.raises(TypeError, match="floating dtype"):
+        attention(q, q, q)
