@@ -26,78 +26,42 @@ exit status:
 
 DTYPES = ("float32", "bfloat16", "float16")
 
+UPSCALE_EPILOG = """\
+several processes or GPUs:
+  torchrun --standalone --nproc_per_node N -m sr3fast upscale DIR -o OUT [options]
+  splits the sorted inputs between the N processes (each output written by exactly one, the same
+  images whatever N is, given --seed); the first process shows the progress and every failure.
+
+"""
+
 
 class UsageError(Exception):
     """Something the user asked for cannot be done as given; the message says what to change.
     Raised before anything is written; the command exits with EXIT_USAGE."""
 
 
-def _collect_inputs(paths: list[str]) -> list[Path]:
-    """Image files named directly, plus the images directly inside named folders (sorted)."""
-    from .images import IMAGE_SUFFIXES
-
-    files = []
-    for name in paths:
-        path = Path(name)
-        if path.is_dir():
-            found = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-            if not found:
-                raise UsageError(f"folder {name!r} holds no images ({', '.join(IMAGE_SUFFIXES)})")
-            files.extend(found)
-        elif path.is_file():
-            files.append(path)
-        else:
-            raise UsageError(f"input {name!r} does not exist")
-    return files
-
-
-def _output_paths(inputs: list[Path], output: str) -> tuple[list[Path], Path | None]:
-    """One output path per input, and the folder to create before writing them (None if there
-    is none to create). OUT is a file when one input is given and OUT has an image suffix;
-    otherwise a folder (created if its parent exists) receiving <stem>.png per input.
-    Creates nothing: the folder is made only when the first image is ready to be written."""
-    from .images import IMAGE_SUFFIXES
-
-    out = Path(output)
-    if len(inputs) == 1 and out.suffix.lower() in IMAGE_SUFFIXES:
-        if not out.parent.is_dir():
-            raise UsageError(f"output folder {str(out.parent)!r} does not exist")
-        return [out], None
-    if out.suffix.lower() in IMAGE_SUFFIXES:
-        raise UsageError(f"{len(inputs)} inputs need an output folder, not the file {output!r}")
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"output {output!r} is a file; name a folder for {len(inputs)} images")
-    if not out.is_dir() and not out.parent.is_dir():
-        raise UsageError(f"cannot create output folder {output!r}: {str(out.parent)!r} does not exist")
-    targets = [out / f"{path.stem}.png" for path in inputs]
-    if len(set(targets)) != len(targets):
-        raise UsageError("two inputs share a file name stem; upscale them into separate folders")
-    return targets, None if out.is_dir() else out
-
-
-def _device(name: str | None):
-    """The torch.device --device names, checked to exist on this machine (None stays None)."""
-    if name is None:
-        return None
-    import torch
+def _collect_inputs(paths: list[str], output: str):
+    """The jobs of `sr3fast upscale PATHS -o OUTPUT` (sr3fast.folders.plan: folders searched
+    recursively, their tree mirrored under OUTPUT), any problem with them as a UsageError."""
+    from .folders import plan
 
     try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise UsageError(f"--device {name!r} is not a device name; use cpu, cuda or cuda:N "
-                         "(N: the GPU's index)") from None
-    if device.type == "cpu":
-        return device
-    module = getattr(torch, device.type, None)          # torch.cuda, torch.mps, torch.xpu, ...
-    if module is None or not hasattr(module, "is_available") or not module.is_available():
-        no_cuda = device.type == "cuda" and not torch.version.cuda
-        raise UsageError(f"--device {name}: no {device.type} device is available on this machine"
-                         f"{' (this torch was built without CUDA)' if no_cuda else ''}; use --device cpu")
-    count = module.device_count() if hasattr(module, "device_count") else 1
-    if device.index is not None and device.index >= count:
-        raise UsageError(f"--device {name}: this machine has {count} {device.type} device(s), "
-                         f"{device.type}:0 to {device.type}:{count - 1}")
-    return device
+        return plan(paths, output)
+    except (ValueError, FileNotFoundError) as err:
+        raise UsageError(str(err)) from None
+
+
+def _device(name: str | None, launch=None):
+    """The torch.device --device names (auto, cpu, cuda, cuda:N; under torchrun 'auto' and 'cuda'
+    mean this process's GPU), checked to exist on this machine (None stays None)."""
+    if name is None:
+        return None
+    from .distributed_upscale import Launch, device_for
+
+    try:
+        return device_for(name, launch if launch is not None else Launch())
+    except ValueError as err:
+        raise UsageError(str(err)) from None
 
 
 def _dtype(name: str | None, device):
@@ -144,15 +108,35 @@ def _upscale_failure(err: BaseException, source: Path, device) -> str | None:
     return None
 
 
+# Images of one size per model call when --batch-size is not given: batching pays on a GPU; on
+# the CPU the U-Net's work grows with the batch and nothing is gained but memory use.
+DEFAULT_BATCH_SIZE = {"cpu": 1, "cuda": 4}
+
+
 def cmd_upscale(args) -> int:
+    """Upscale every input, one process's share of them under torchrun (sr3fast.folders plans
+    the run, sr3fast.distributed_upscale places the processes): failures are collected and
+    reported together at the end, on the first process; outputs are written atomically."""
     from . import api
-    from .images import save_image_atomic
+    from .distributed_upscale import Launch, Report, gather_reports
+    from tqdm.auto import tqdm
+
+    from .folders import job_seeds, shard
+    from .model import presets
 
     if args.steps is not None and args.steps < 1:
         raise UsageError(f"--steps must be at least 1, got {args.steps}")
-    inputs = _collect_inputs(args.inputs)
-    outputs, folder = _output_paths(inputs, args.output)
-    device = _device(args.device)
+    if args.batch_size is not None and args.batch_size < 1:
+        raise UsageError(f"--batch-size must be at least 1, got {args.batch_size}")
+    try:
+        launch = Launch.from_environment()
+    except ValueError as err:
+        raise UsageError(str(err)) from None
+    if launch.distributed and args.seed is None and args.model in presets():
+        raise UsageError(f"--model {args.model} is a preset: without --seed each of the {launch.world_size} "
+                         "processes would draw its own random weights; pass --seed")
+    jobs = _collect_inputs(args.inputs, args.output)
+    device = _device(args.device, launch)
     model = _load_model(args.model, config=args.config, device=device, dtype=_dtype(args.dtype, device),
                         seed=args.seed)
     try:       # the checks upscale makes, before anything is written
@@ -160,27 +144,136 @@ def cmd_upscale(args) -> int:
         api._back_projections(model, args.back_projections)
     except ValueError as err:
         raise UsageError(str(err)) from None
-    failed = 0
-    for index, (source, target) in enumerate(zip(inputs, outputs)):
+
+    seeds = job_seeds(jobs, args.seed)               # from the whole run: independent of the shard
+    mine = shard(jobs, launch.rank, launch.world_size)
+    report = Report()
+    if args.skip_existing:
+        todo = [job for job in mine if not job.target.exists()]
+        report.skipped = len(mine) - len(todo)
+    else:
+        todo = mine
+    batch_size = args.batch_size or (1 if args.package else DEFAULT_BATCH_SIZE.get(device.type, 1))
+    # A bar over images when there are several (on the first process only: N bars on one terminal
+    # are unreadable), else upscale's own bar over the sampling steps of the one image.
+    images_bar = not args.quiet and len(jobs) > 1 and launch.rank == 0
+    options = dict(model=model, steps=args.steps, sampler=args.sampler, eta=args.eta,
+                   start_gamma=args.start_gamma, back_projections=args.back_projections,
+                   progress=not args.quiet and len(jobs) == 1, loop=args.loop, package=args.package)
+    with tqdm(total=len(todo), unit="image", desc=_bar_title(launch), disable=not images_bar,
+              dynamic_ncols=True) as bar:
+        say = tqdm.write if images_bar else print
+        for job, outcome in _run_jobs(todo, seeds, batch_size, options, device):
+            if isinstance(outcome, str):
+                report.failures.append((str(job.source), outcome))
+                bar.set_postfix(failed=len(report.failures))
+            else:
+                report.written += 1
+                say(f"{job.source} -> {job.target} ({outcome.width}x{outcome.height})")
+            bar.update(1)
+
+    # Flushed before the gather: once the first process exits with 1, torchrun stops the others,
+    # and a stopped process loses what its buffers held.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    total = gather_reports(report, launch)
+    if launch.rank == 0:
+        _print_summary(total, len(jobs), args.skip_existing)
+    return EXIT_FAILED if total.failures else EXIT_OK
+
+
+def _bar_title(launch) -> str:
+    return f"upscale, process 0 of {launch.world_size}" if launch.distributed else "upscale"
+
+
+def _run_jobs(jobs, seeds, batch_size: int, options: dict, device):
+    """(job, PIL image written to job.target, or the message saying why not) for every job.
+
+    Batches: api.upscale draws all its noise from one generator per call (seed=), so the images
+    of a batch cannot each be sampled from their own seed; and a batch's noise is not any one
+    image's noise alone. With seeds (--seed), each image therefore goes through upscale alone,
+    which keeps every output a function of its own seed only (independent of the batch size and
+    of the number of processes); same-size batches are formed for unseeded runs, whose images
+    are random anyway. A batch that fails is retried one image at a time, so that one image too
+    large for memory, or one bad result, fails alone."""
+    from .folders import image_size, same_size_batches
+
+    if batch_size == 1 or any(seeds[job] is not None for job in jobs):
+        groups = ([job] for job in jobs)
+    else:
+        sizes = {}
+        for job in jobs:
+            try:
+                sizes[job] = image_size(job.source)
+            except ValueError as err:
+                yield job, str(err)
+        groups = same_size_batches([job for job in jobs if job in sizes], batch_size, sizes)
+    for group in groups:
+        yield from _run_group(group, seeds, options, device)
+
+
+def _run_group(group, seeds, options: dict, device):
+    """_run_jobs for one group of same-size images: one api.upscale call for the group when it
+    is unseeded, else (or when that call fails) one call per image."""
+    import torch
+
+    from . import api
+    from .images import read_image, to_unit_batch
+
+    inputs = {}
+    for job in group:
         try:
-            image = api.upscale(source, model=model, steps=args.steps, sampler=args.sampler, eta=args.eta,
-                                start_gamma=args.start_gamma, back_projections=args.back_projections,
-                                seed=None if args.seed is None else args.seed + index,
-                                progress=not args.quiet, loop=args.loop, package=args.package)
-            if folder is not None:
-                folder.mkdir(exist_ok=True)
-            save_image_atomic(image, target)
+            inputs[job] = to_unit_batch(read_image(job.source))[0]
+        except (ValueError, OSError) as err:
+            yield job, _upscale_failure(err, job.source, device)
+    ready = list(inputs)
+    if len(ready) > 1:
+        try:
+            results = api.upscale(torch.cat([inputs[job] for job in ready]), seed=None, **options)
         except Exception as err:
-            message = _upscale_failure(err, source, device)
+            if _upscale_failure(err, ready[0].source, device) is None:
+                raise                           # a bug, not a property of these images
+            results = None                      # retried one by one below, outside this frame
+        if results is not None:
+            for job, result in zip(ready, results):
+                yield job, _write(job, result[None], device)
+            return
+    for job in ready:
+        try:
+            result = api.upscale(inputs[job], seed=seeds[job], **options)
+        except Exception as err:
+            message = _upscale_failure(err, job.source, device)
             if message is None:
                 raise
-            print(f"sr3fast upscale: error: {message}", file=sys.stderr)
-            failed += 1
+            yield job, message
             continue
-        print(f"{source} -> {target} ({image.width}x{image.height})")
-    if failed:
-        print(f"sr3fast upscale: {failed} of {len(inputs)} inputs failed", file=sys.stderr)
-    return EXIT_FAILED if failed else EXIT_OK
+        yield job, _write(job, result, device)
+
+
+def _write(job, result, device):
+    """Write the (1, 3, H, W) result in [0, 1] to job.target as an 8-bit image, atomically,
+    making its folder when needed; the PIL image written, or the message saying why not."""
+    from .images import InputKind, from_unit_batch, save_image_atomic
+
+    image = from_unit_batch(result, InputKind("pil"))
+    try:
+        job.target.parent.mkdir(parents=True, exist_ok=True)
+        save_image_atomic(image, job.target)
+    except OSError as err:
+        return f"cannot write {str(job.target)!r} (the result of {str(job.source)!r}): {err}"
+    return image
+
+
+def _print_summary(report, inputs: int, skip_existing: bool) -> None:
+    """The whole run's outcome: counts when there were several inputs, and every failure."""
+    if inputs > 1:
+        skipped = f", {report.skipped} skipped (output exists)" if skip_existing else ""
+        print(f"sr3fast upscale: {report.written} of {inputs} written{skipped}, "
+              f"{len(report.failures)} failed")
+    if report.failures and inputs > 1:
+        print(f"sr3fast upscale: {len(report.failures)} of {inputs} inputs failed:", file=sys.stderr)
+    for _, message in report.failures:
+        print(f"sr3fast upscale: error: {message}", file=sys.stderr)
 
 
 def cmd_eval(args) -> int:
@@ -273,11 +366,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"sr3fast {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
 
-    up = commands.add_parser("upscale", help="super-resolve images", epilog=EXIT_STATUS_EPILOG,
+    up = commands.add_parser("upscale", help="super-resolve images", epilog=UPSCALE_EPILOG + EXIT_STATUS_EPILOG,
                              formatter_class=argparse.RawDescriptionHelpFormatter)
-    up.add_argument("inputs", nargs="+", help="image files or folders of images")
+    up.add_argument("inputs", nargs="+",
+                    help="image files, or folders of images (searched recursively; hidden names skipped)")
     up.add_argument("-o", "--output", required=True,
-                    help="output image (one input) or folder (written as <name>.png)")
+                    help="output image (one input) or folder: <name>.png per input, a folder's "
+                         "subfolders mirrored below it")
     up.add_argument("--model", default="default",
                     help="sr3fast checkpoint, public *_gen.pth (with --config) or preset name "
                          "(default: the built-in 4x model, docs/model-card.md)")
@@ -297,16 +392,28 @@ def build_parser() -> argparse.ArgumentParser:
                     help="back-projection steps toward the input after sampling (default: the model's "
                          "recommended; 0: off)")
     up.add_argument("--seed", type=int, default=None,
-                    help="seed for reproducible samples (image i gets seed + i); with a preset name as "
+                    help="seed for reproducible samples: one image file gets SEED itself; in a run of "
+                         "several, each image gets a seed made from SEED and its path below the folder "
+                         "named (sr3fast.folders.file_seed), so its result does not depend on the other "
+                         "images, --batch-size or the number of processes; with a preset name as "
                          "--model, also the seed of its random weights")
-    up.add_argument("--device", default=None, help="e.g. cuda, cuda:1, cpu (default cpu)")
+    up.add_argument("--device", default="auto",
+                    help="auto (default: cuda if available, else cpu), cpu, cuda, cuda:N; under torchrun "
+                         "auto and cuda give each process the GPU of its LOCAL_RANK")
     up.add_argument("--dtype", choices=DTYPES, default=None,
                     help="precision of the weights and sampling (default: float32 on cpu, the "
                          "checkpoint's elsewhere); a --package needs the dtype it was exported with")
     up.add_argument("--loop", choices=("python", "cpp", "graph"), default="python",
                     help="where the sampling steps run: python, cpp (C++), graph (CUDA graph)")
     up.add_argument("--package", help="the U-Net compiled by `sr3fast export` for these images' size")
-    up.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    up.add_argument("--batch-size", type=int, default=None, metavar="N",
+                    help="images of the same size sampled together, without --seed only (with --seed "
+                         "each image is sampled alone from its own seed); default: 1 on cpu or with "
+                         f"--package, {DEFAULT_BATCH_SIZE['cuda']} on cuda")
+    up.add_argument("--skip-existing", action="store_true",
+                    help="leave inputs whose output exists alone (to resume an interrupted run)")
+    up.add_argument("-q", "--quiet", action="store_true",
+                    help="no progress bar (over images, or over the sampling steps of a single image)")
     up.set_defaults(run=cmd_upscale)
 
     ex = commands.add_parser("export", help="compile the U-Net ahead of time (AOTInductor .pt2 package)",

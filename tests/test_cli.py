@@ -282,3 +282,47 @@ def test_cpu_attention_on_the_reference_is_stated():
         pytest.skip("the compiled extension is not built")
     attention = next(line for line in sr3fast.explain_backend("cpu").splitlines() if "attention" in line)
     assert "reference" in attention and "no attention kernel" in attention
+
+
+# ---------------------------------------------------------------- folders and processes
+# (runs over folder trees, batching and torchrun: tests/test_folders.py)
+
+def test_help_shows_the_folder_options_and_torchrun():
+    text = " ".join(build_parser()._subparsers._group_actions[0].choices["upscale"].format_help().split())
+    assert "--skip-existing" in text and "--batch-size" in text
+    assert "torchrun --standalone --nproc_per_node N -m sr3fast upscale DIR -o OUT" in text
+
+
+def test_device_auto_is_the_default_and_takes_the_cpu_without_a_gpu(photo, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    seen, real = [], api.upscale
+
+    def recording(x, model=None, **kwargs):
+        seen.append(next(model.parameters()).device)
+        return real(x, model=model, **kwargs)
+
+    monkeypatch.setattr(api, "upscale", recording)
+    assert _upscale(photo, tmp_path / "auto.png", "--device", "auto") == EXIT_OK
+    assert _upscale(photo, tmp_path / "default.png") == EXIT_OK
+    assert seen == [torch.device("cpu")] * 2
+
+
+def test_bad_batch_sizes_and_process_layouts_are_usage_errors(photo, tmp_path, capsys, monkeypatch):
+    assert _upscale(photo, tmp_path / "o.png", "--batch-size", "0") == EXIT_USAGE
+    assert "--batch-size must be at least 1" in _no_traceback(capsys)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "two")
+    assert _upscale(photo, tmp_path / "o.png") == EXIT_USAGE
+    assert "torchrun" in _no_traceback(capsys)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert _upscale(photo, tmp_path / "o.png") == EXIT_USAGE       # a preset, no --seed: weights differ
+    assert "pass --seed" in _no_traceback(capsys)
+    assert sorted(os.listdir(tmp_path)) == ["in.png"]
+
+
+def test_a_single_image_gets_the_seed_itself(photo, tmp_path):
+    """`sr3fast upscale photo.png -o x.png --seed S` is sr3fast.upscale(photo, seed=S)."""
+    assert _upscale(photo, tmp_path / "cli.png", "--seed", "5") == EXIT_OK
+    expected = sr3fast.upscale(photo, model=sr3fast.load("tiny", seed=5), steps=2, seed=5, progress=False)
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "cli.png")), np.asarray(expected))
