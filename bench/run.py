@@ -25,7 +25,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 
 import torch  # noqa: E402
 
-from bench import environment, hardware, loop_bench, model_bench, op_bench, op_cases, report  # noqa: E402
+from bench import end_to_end, environment, hardware, loop_bench, model_bench, op_bench, op_cases, report  # noqa: E402
 from bench.records import ERROR, Row, write_json  # noqa: E402
 from bench.timing import Budget  # noqa: E402
 
@@ -78,6 +78,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true",
                         help="smoke test: the tiny model at batch 1 without compiled model rows, the "
                              "smallest shape of each op, few repeats")
+    parser.add_argument("--end-to-end", type=int, default=None, metavar="LOW",
+                        help="side of the input of the end-to-end row, sr3fast's default against the "
+                             f"public code's {end_to_end.PUBLIC_STEPS} ancestral steps (default 64 on "
+                             "GPU, 32 on CPU, 16 with --quick; 0: leave the row out)")
     parser.add_argument("--op", action="append", metavar="NAME",
                         help="only these ops (repeat or comma-separate): "
                              + ", ".join(dict.fromkeys(c.op for c in op_cases.CASES)))
@@ -213,6 +217,12 @@ def main(argv=None) -> int:
                         checkpoint)
     if not args.ops_only:
         rows += run_models(args, device, model_budget, compile_mode, checkpoint)
+    low_side = args.end_to_end if args.end_to_end is not None else \
+        (16 if args.quick else 64 if device.type == "cuda" else 32)
+    if not (args.ops_only or args.model_only) and low_side > 0:
+        e2e = end_to_end.run_end_to_end(device, low_side, progress, checkpoint)
+        print(end_to_end.table(e2e) + "\n", flush=True)
+        rows += e2e
 
     memory_method = next((r.memory_method for r in rows if r.memory_method), "peak memory of the measured region")
     print(report.legend(args.steps, device.type, compile_mode, memory_method))

@@ -302,6 +302,75 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_tune_schedule(args) -> int:
+    from . import api
+    from .evaluation import check_output_path
+    from .schedule_search import parse_steps, tune_schedule, write_report_json
+
+    steps = parse_steps(args.steps)
+    grid = _grid(args.grid)
+    if args.rounds < 0:
+        raise UsageError(f"--rounds must be 0 or more, got {args.rounds}")
+    if not Path(args.data).exists():
+        raise UsageError(f"--data {args.data!r} does not exist")
+    if args.output is None and not args.in_place:
+        raise UsageError("say where the tuned model goes: -o OUT.safetensors, or --in-place")
+    target = Path(args.model if args.in_place else args.output)
+    if args.in_place and not target.is_file():
+        raise UsageError(f"--in-place rewrites a checkpoint file; {args.model!r} is not one "
+                         "(for a preset or the built-in model, write a copy with -o)")
+    check_output_path(target)
+    if args.json:
+        check_output_path(args.json)
+    model = _load_model(args.model, device=_device(args.device))
+    report = tune_schedule(model, [args.data], steps, sampler=args.sampler, crop=args.crop,
+                           crops_per_image=args.crops_per_image, seed=args.seed, guard=args.guard,
+                           points=grid, rounds=args.rounds, slack=args.slack, progress=not args.quiet)
+    print(report.table())
+    if args.json:
+        print(f"wrote {write_report_json(report, args.json)}")
+    settings = report.settings(api._back_projections(model, None))
+    if settings is None:
+        print(f"sr3fast tune-schedule: no candidate kept {args.guard} of the baseline's sharpness; "
+              "nothing was written (try a lower --guard or other --steps)", file=sys.stderr)
+        return EXIT_FAILED
+    model.inference_settings = settings
+    written = api.save(model, target, dtype=_stored_dtype(args.model))
+    print(f"wrote {written} (recommended: {settings.sampler}, {settings.steps} steps, lambda_end "
+          f"{settings.schedule['lambda_end']:.3f}, rho {settings.schedule['rho']:.2f})")
+    return EXIT_OK
+
+
+def _stored_dtype(name: str):
+    """The floating-point dtype the checkpoint `name` stores its weights in (so a tuned copy of the
+    fp16 default model stays fp16), or None for presets and folders (keep the model's)."""
+    from safetensors import safe_open
+
+    from . import api
+
+    path = api.DEFAULT_WEIGHTS if name == api.DEFAULT_MODEL else Path(name)
+    if not path.is_file():
+        return None
+    with safe_open(str(path), framework="pt") as handle:
+        for key in handle.keys():
+            tensor = handle.get_slice(key)
+            dtype = {"F16": "float16", "BF16": "bfloat16", "F32": "float32"}.get(tensor.get_dtype())
+            if dtype is not None:
+                import torch
+                return getattr(torch, dtype)
+    return None
+
+
+def _grid(text: str) -> tuple[int, int]:
+    try:
+        points = tuple(int(part) for part in text.lower().split("x"))
+    except ValueError:
+        points = ()
+    if len(points) != 2 or min(points) < 1:
+        raise UsageError(f"--grid takes the grid points of lambda_end and rho as AxB (e.g. 4x3), got {text!r}")
+    return points
+
+
 def cmd_convert(args) -> int:
     import sr3fast
 
@@ -379,12 +448,14 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--config", help="JSON config of a public SR3 checkpoint")
     up.add_argument("--steps", type=int, default=None,
                     help="sampling steps (default: the model's recommended, else 100)")
-    up.add_argument("--sampler", choices=("posterior", "sr3", "ddim"), default=None,
+    up.add_argument("--sampler", choices=("posterior", "sr3", "ddim", "dpmpp_2m", "dpmpp_2m_sde"),
+                    default=None,
                     help="default: the model's recommended, else posterior for public checkpoints, "
-                         "sr3 for paper models")
+                         "sr3 for paper models. dpmpp_2m / dpmpp_2m_sde: DPM-Solver++(2M) and its SDE "
+                         "form, for few steps (10-25)")
     up.add_argument("--eta", type=float, default=None,
-                    help="DDIM's noise scale, with --sampler ddim only: 0 deterministic (default), "
-                         "1 the posterior variance")
+                    help="noise scale of --sampler ddim (default 0: deterministic) or dpmpp_2m_sde "
+                         "(default 1: the SDE); 1 is the posterior variance")
     up.add_argument("--start-gamma", type=float, default=None, metavar="G",
                     help="start from the input noised to level G in [0, 1) instead of pure noise "
                          "(default: the model's recommended; 0: pure noise)")
@@ -455,6 +526,34 @@ def build_parser() -> argparse.ArgumentParser:
                     help="write a picture grid: one row per image, input | bicubic | SR3 | ground truth")
     ev.add_argument("-q", "--quiet", action="store_true", help="no per-image progress lines")
     ev.set_defaults(run=cmd_eval)
+
+    tune = commands.add_parser(
+        "tune-schedule", help="search the inference noise schedule on held-out images",
+        description="The paper's inference-schedule search: for each step count, search the "
+        "log-SNR schedule's end level and spacing (sr3fast.schedule_search) on crops of held-out "
+        "ground-truth images, maximising PSNR while keeping the sharpness of the model's current "
+        "settings (the guard), and write the best into the model's metadata; upscale then uses it "
+        "by default.")
+    tune.add_argument("--model", default="default",
+                      help="sr3fast checkpoint, preset or 'default' (default: the built-in model)")
+    tune.add_argument("--data", required=True, help="folder of held-out ground-truth images")
+    tune.add_argument("--steps", default="10,20,50", help="step counts to tune, e.g. 10,20,50")
+    tune.add_argument("--sampler", default=None, help="sampler (default: the model's recommended)")
+    tune.add_argument("-o", "--output", default=None, help="write the tuned model here (.safetensors)")
+    tune.add_argument("--in-place", action="store_true", help="rewrite --model's checkpoint instead")
+    tune.add_argument("--json", metavar="F", help="write every candidate's metrics to this JSON file")
+    tune.add_argument("--crop", type=int, default=128, help="ground-truth crop size (default 128)")
+    tune.add_argument("--crops-per-image", type=int, default=2, help="crops per image (default 2)")
+    tune.add_argument("--grid", default="4x3", help="grid points of lambda_end x rho (default 4x3)")
+    tune.add_argument("--rounds", type=int, default=1, help="refinement rounds (default 1)")
+    tune.add_argument("--guard", type=float, default=0.9,
+                      help="keep at least this fraction of the baseline's sharpness (default 0.9)")
+    tune.add_argument("--slack", type=float, default=0.1,
+                      help="recommend the fewest steps within this many dB of the best (default 0.1)")
+    tune.add_argument("--seed", type=int, default=0, help="seed for every candidate (default 0)")
+    tune.add_argument("--device", default="cpu", help="e.g. cuda, cpu (default cpu)")
+    tune.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    tune.set_defaults(run=cmd_tune_schedule)
 
     convert = commands.add_parser("convert", help="public SR3 checkpoint + config -> sr3fast checkpoint")
     convert.add_argument("checkpoint", help="*_gen.pth of the public SR3 code")

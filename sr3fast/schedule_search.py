@@ -126,7 +126,7 @@ def sampling_start(model) -> tuple[float, float | None]:
 
 
 def crops_of(paths: Sequence[Path], size: int, per_image: int, scale: int) -> list[tuple[str, torch.Tensor]]:
-    """Ground-truth crops (name, (1, 3, size, size) uint8): `per_image` of them per image, at
+    """Ground-truth crops (name, (1, 3, size, size) in [0, 1]): `per_image` of them per image, at
     fixed positions spread along the image's diagonal (deterministic); whole images smaller
     than `size` are used whole (cropped to a multiple of the scale)."""
     crops = []
