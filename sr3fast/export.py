@@ -319,21 +319,26 @@ def open_package(source, model=None) -> Package:
 
 
 def save_sampling_inputs(path: str | os.PathLike, x: torch.Tensor, schedule, sampler: str, *,
-                         seed: int = 0, eta: float = 0.0, clip: float | None | str = "default",
+                         seed: int = 0, eta: float | None = None, clip: float | None | str = "default",
                          y_T: torch.Tensor | None = None) -> Path:
     """Write what a C++ program needs, besides the package, to run `sampler` over `schedule` on
     the condition x (B, C, H, W): one torch.save file (read in C++ with torch::pickle_load) of
 
-        x       (B, C, H, W)   the upsampled condition, in the package's dtype
-        coefs   (T, B, 5)      float32, sr3fast.diffusion.reverse_coefficients
-        gammas  (T, B)         float32, sr3fast.diffusion.noise_levels
-        stochastic, seed       0-d bool / int64: whether steps add noise; the generator's seed
-        clip    0-d float64    present only when the sampler clamps its x0 estimate
-        y_T     (B, C, H, W)   present only when given; else drawn from the seeded generator
+        x          (B, C, H, W)   the upsampled condition, in the package's dtype
+        coefs      (T, B, 6)      float32 (a, b, m0, m1, sigma, m2): sr3fast.diffusion's
+                                  reverse_coefficients
+        gammas     (T, B)         float32, sr3fast.diffusion.noise_levels
+        stochastic, seed          0-d bool / int64: whether steps add noise; the generator's seed
+        multistep  0-d bool       whether each step carries the previous step's x0 estimate
+                                  (sr3fast.diffusion.MULTISTEP: DPM-Solver++ 2M and its SDE form)
+        clip       0-d float64    present only when the sampler clamps its x0 estimate
+        y_T        (B, C, H, W)   present only when given; else drawn from the seeded generator
 
     A Python sampler with generator=torch.Generator(x.device).manual_seed(seed) draws the same
-    noise. clip="default" takes the sampler's (sr3fast.diffusion.CLIP)."""
-    from .diffusion import CLIP, noise_levels, reverse_coefficients
+    noise. eta: as the samplers take it (None: the sampler's default, sr3fast.diffusion's
+    ETA_DEFAULT). clip="default" takes the sampler's (sr3fast.diffusion.CLIP)."""
+    from .diffusion import CLIP, MULTISTEP, noise_levels, reverse_coefficients
+    from .diffusion.coefficients import is_stochastic
 
     if clip == "default":
         clip = CLIP[sampler]
@@ -342,7 +347,8 @@ def save_sampling_inputs(path: str | os.PathLike, x: torch.Tensor, schedule, sam
         "x": x.detach().cpu(),
         "coefs": reverse_coefficients(schedule, sampler, batch, "cpu", eta=eta),
         "gammas": noise_levels(schedule, batch, "cpu"),
-        "stochastic": torch.tensor(sampler != "ddim" or eta > 0),
+        "stochastic": torch.tensor(is_stochastic(schedule, sampler, eta)),
+        "multistep": torch.tensor(sampler in MULTISTEP),
         "seed": torch.tensor(int(seed), dtype=torch.int64),
     }
     if clip is not None:

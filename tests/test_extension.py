@@ -194,15 +194,31 @@ def test_opcheck_reverse_step(device, channels_last):
                           test_utils=("test_schema", "test_faketensor"))
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+def test_opcheck_reverse_step_multistep(device, channels_last):
+    y_t, eps, coefs, noise, x0_prev = multistep_inputs(device, channels_last=channels_last)
+    op = torch.ops.sr3fast.reverse_step_multistep.default
+    torch.library.opcheck(op, (y_t, eps, coefs, x0_prev, noise, 1.0))
+    torch.library.opcheck(op, (y_t, eps, coefs, x0_prev.float(), noise))  # history in float32
+    # Drawn noise differs between calls, so only the checks that do not compare two runs' values.
+    torch.library.opcheck(op, (y_t, eps, coefs, x0_prev), test_utils=("test_schema", "test_faketensor"))
+
+
 def test_torch_compile_traces_the_ops_without_graph_breaks():
     inputs, _ = make_inputs("odd_hw", "all", "cpu")
     y_t, eps, coefs, noise = step_inputs("cpu")
 
-    def both(x, weight, bias, shift, y_t, eps, coefs, noise):
-        h = groupnorm_silu(x, inputs["num_groups"], weight, bias, 1e-5, shift, True)
-        return h, reverse_step(y_t, eps, coefs, noise, 1.0)
+    history = torch.randn(y_t.shape, generator=torch.Generator().manual_seed(5))
+    wide = torch.cat([coefs, torch.full((coefs.shape[0], 1), -0.5)], dim=1)
 
-    args = (inputs["x"], inputs["weight"], inputs["bias"], inputs["shift"], y_t, eps, coefs, noise)
+    def both(x, weight, bias, shift, y_t, eps, coefs, noise, history, wide):
+        h = groupnorm_silu(x, inputs["num_groups"], weight, bias, 1e-5, shift, True)
+        return (h, reverse_step(y_t, eps, coefs, noise, 1.0),
+                *reverse_step(y_t, eps, wide, noise, 1.0, x0_prev=history))
+
+    args = (inputs["x"], inputs["weight"], inputs["bias"], inputs["shift"], y_t, eps, coefs, noise,
+            history, wide)
     compiled = torch.compile(both, backend="aot_eager", fullgraph=True, dynamic=False)
     for got, want in zip(compiled(*args), both(*args)):
         assert torch.equal(got, want)
@@ -482,6 +498,174 @@ def test_reverse_step_errors_say_what_is_wrong(device):
         torch.ops.sr3fast.reverse_step(y_t, eps[:1], coefs)
 
 
+# ---- reverse_step_multistep -------------------------------------------------------------------
+
+def multistep_inputs(device, dtype=torch.float32, shape=(3, 3, 9, 7), channels_last=False,
+                     seed=0, sigma=0.3, x0_prev_dtype=None):
+    """step_inputs plus the history: coefs (B, 6), m2 different per sample in [-1, 0] (DPM-Solver++
+    2M's m2 = -r/2·(...) is negative), and x0_prev ~ N(0, 1) in x0_prev_dtype (None: y_t's)."""
+    y_t, eps, coefs, noise = step_inputs(device, dtype, shape, channels_last, seed, sigma)
+    gen = torch.Generator().manual_seed(seed + 100)
+    m2 = -torch.rand(shape[0], 1, generator=gen)
+    x0_prev = torch.randn(shape, generator=gen).to(device, x0_prev_dtype or dtype)
+    if channels_last:
+        x0_prev = x0_prev.contiguous(memory_format=torch.channels_last)
+    return y_t, eps, torch.cat([coefs, m2.to(device)], dim=1), noise, x0_prev
+
+
+# x0_prev's dtype besides y_t's own: float32 (read as is), and the other reduced type (converted)
+OTHER_DTYPE = {torch.float32: torch.bfloat16, torch.bfloat16: torch.float16,
+               torch.float16: torch.bfloat16}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("clip", [None, 1.0], ids=["no_clip", "clip"])
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16],
+                         ids=["fp32", "bf16", "fp16"])
+@pytest.mark.parametrize("history", ["same", "float32", "other"])
+@pytest.mark.parametrize("shape", [(3, 3, 9, 7), (2, 4, 16, 16), (1, 1, 1, 1), (2, 3, 96, 64)],
+                         ids=["odd", "aligned", "1x1", "multi_task"])
+def test_reverse_step_multistep_with_given_noise_is_exact(shape, history, dtype, channels_last,
+                                                          clip, device):
+    """Same float32 operations in the same order as the reference, ((m0·x0 + m1·y) + m2·x0_prev)
+    + sigma·z: y_prev and x0 equal bit for bit, in y_t's dtype and layout. Each sample has its
+    own coefficients; multi_task spans several CPU tasks per sample (vector body and tail)."""
+    x0_prev_dtype = {"same": dtype, "float32": torch.float32, "other": OTHER_DTYPE[dtype]}[history]
+    y_t, eps, coefs, noise, x0_prev = multistep_inputs(device, dtype, shape, channels_last,
+                                                       x0_prev_dtype=x0_prev_dtype)
+    y_prev, x0 = reverse_step(y_t, eps, coefs, noise, clip, x0_prev=x0_prev)
+    want_y, want_x0 = reference.reverse_step(y_t, eps, coefs, noise, clip, x0_prev=x0_prev)
+    report("reverse_step_multistep y_prev", y_prev, want_y)
+    for got, want in ((y_prev, want_y), (x0, want_x0)):
+        assert got.dtype == dtype and got.stride() == y_t.stride()
+        assert torch.equal(got, want)
+    if y_t.numel() > 1:  # the history term counts: without it (m2 = 0) the result is another one
+        zero_m2 = torch.cat([coefs[:, :5], torch.zeros_like(coefs[:, 5:])], dim=1)
+        without = reverse_step(y_t, eps, zero_m2, noise, clip, x0_prev=x0_prev)[0]
+        assert not torch.equal(without, y_prev)
+    if clip is not None:  # the clamp was active for some elements, or the test proves nothing
+        assert (x0.float().abs() == clip).any()
+
+
+def _expected_multistep(y_t, eps, coefs, noise, clip, x0_prev):
+    """The contract's formula written out in float32, in its order of operations, independent of
+    sr3fast.reference (a cross-check of the reference the exact tests above compare with)."""
+    c = coefs.reshape(coefs.shape[0], 6, *([1] * (y_t.dim() - 1))).unbind(dim=1)
+    a, b, m0, m1, sigma, m2 = c
+    y = y_t.float()
+    x0 = a * y - b * eps.float()
+    if clip is not None:
+        x0 = torch.clamp(x0, -clip, clip)
+    first = m0 * x0
+    second = m1 * y
+    history = m2 * x0_prev.float()
+    noise_term = sigma * noise.float()
+    y_prev = ((first + second) + history) + noise_term
+    return y_prev.to(y_t.dtype), x0.to(y_t.dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_reverse_step_multistep_is_the_written_out_formula(dtype, device):
+    y_t, eps, coefs, noise, x0_prev = multistep_inputs(device, dtype, (2, 3, 11, 13),
+                                                       x0_prev_dtype=torch.float32)
+    got = reverse_step(y_t, eps, coefs, noise, 1.0, x0_prev=x0_prev)
+    want = _expected_multistep(y_t, eps, coefs, noise, 1.0, x0_prev)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_reverse_step_multistep_mixed_dtypes_are_exact(device):
+    """bf16 y_t with float32 eps, noise and history in every combination (separate kernels)."""
+    y_t, eps, coefs, noise, x0_prev = multistep_inputs(device, torch.bfloat16)
+    for e in (eps, eps.float()):
+        for n in (noise, noise.float()):
+            for h in (x0_prev, x0_prev.float()):
+                got = reverse_step(y_t, e, coefs, n, 1.0, x0_prev=h)
+                want = reference.reverse_step(y_t, e, coefs, n, 1.0, x0_prev=h)
+                assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("clip", [None, 1.0], ids=["no_clip", "clip"])
+def test_reverse_step_multistep_with_m2_zero_is_the_single_step(clip, device):
+    """m2 = 0: the history is not seen (whatever x0_prev holds) and y_prev is the single-step
+    op's; x0 is the clamped estimate the single-step op used."""
+    y_t, eps, coefs, noise, x0_prev = multistep_inputs(device)
+    coefs[:, 5] = 0
+    y_prev, x0 = reverse_step(y_t, eps, coefs, noise, clip, x0_prev=x0_prev)
+    assert torch.equal(y_prev, reverse_step(y_t, eps, coefs, noise, clip))
+    a, b = coefs[:, 0].reshape(-1, 1, 1, 1), coefs[:, 1].reshape(-1, 1, 1, 1)
+    estimate = a * y_t - b * eps
+    assert torch.equal(x0, estimate if clip is None else estimate.clamp(-clip, clip))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_reverse_step_takes_six_column_coefs(device):
+    """The single-step op reads columns 0..4 of a (B, 6) table (m2 unread), strided or not."""
+    y_t, eps, coefs, noise, _ = multistep_inputs(device)
+    want = reverse_step(y_t, eps, coefs[:, :5].contiguous(), noise, 1.0)
+    assert torch.equal(reverse_step(y_t, eps, coefs, noise, 1.0), want)
+    assert torch.equal(reverse_step(y_t, eps, coefs[:, :5], noise, 1.0), want)  # a strided view
+    assert torch.equal(reference.reverse_step(y_t, eps, coefs, noise, 1.0), want)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+def test_reverse_step_multistep_draws_the_single_step_ops_noise(channels_last, device):
+    """Without noise, both ops draw the same z for the same generator state (CPU: torch.randn's
+    stream, like the reference; CUDA: the same Philox scheme). z is read off the single-step op
+    with coefs (0, 0, 0, 0, 1), which returns it unchanged."""
+    shape = (2, 3, 17, 9)  # odd: CUDA's element-wise path as well as the packed one below
+    for size in (shape, (2, 4, 16, 16)):
+        y_t, eps, coefs, _, x0_prev = multistep_inputs(device, shape=size,
+                                                       channels_last=channels_last)
+        unit = torch.tensor([[0.0, 0.0, 0.0, 0.0, 1.0]] * size[0], device=device)
+        z = reverse_step(y_t, eps, unit, generator=torch.Generator(device).manual_seed(11))
+        drawn = reverse_step(y_t, eps, coefs, None, 1.0,
+                             generator=torch.Generator(device).manual_seed(11), x0_prev=x0_prev)
+        given = reverse_step(y_t, eps, coefs, z, 1.0, x0_prev=x0_prev)
+        assert torch.equal(drawn[0], given[0]) and torch.equal(drawn[1], given[1])
+        assert z.std() > 0.5  # z is noise, not zeros
+        other = reverse_step(y_t, eps, coefs, None, 1.0,
+                             generator=torch.Generator(device).manual_seed(12), x0_prev=x0_prev)
+        assert not torch.equal(other[0], drawn[0]) and torch.equal(other[1], drawn[1])
+
+
+def test_reverse_step_multistep_cpu_draws_noise_like_the_reference():
+    y_t, eps, coefs, _, x0_prev = multistep_inputs("cpu", channels_last=True)
+    got = reverse_step(y_t, eps, coefs, None, 1.0, torch.Generator().manual_seed(7), x0_prev)
+    want = reference.reverse_step(y_t, eps, coefs, None, 1.0, torch.Generator().manual_seed(7),
+                                  x0_prev)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_reverse_step_multistep_errors_say_what_is_wrong(device):
+    y_t, eps, coefs, noise, x0_prev = multistep_inputs(device)
+    op = torch.ops.sr3fast.reverse_step_multistep
+    with pytest.raises(RuntimeError, match=r"reverse_step_multistep: coefs must be a float32 "
+                                           r"tensor of shape \(3, 6\) holding \(a, b, m0, m1, sigma, m2\)"):
+        op(y_t, eps, coefs[:, :5], x0_prev)
+    with pytest.raises(RuntimeError, match=r"coefs must be a float32 tensor of shape \(3, 5\) or "
+                                           r"\(3, 6\)"):
+        torch.ops.sr3fast.reverse_step(y_t, eps, torch.zeros(3, 7, device=device))
+    with pytest.raises(RuntimeError, match="reverse_step_multistep: x0_prev must match y_t"):
+        op(y_t, eps, coefs, x0_prev[:1])
+    with pytest.raises(RuntimeError, match="x0_prev must be floating point"):
+        op(y_t, eps, coefs, x0_prev.to(torch.int32))
+    with pytest.raises(RuntimeError, match="reverse_step_multistep: clip must be positive"):
+        op(y_t, eps, coefs, x0_prev, noise, -1.0)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_reverse_step_multistep_empty_batch(device):
+    y_t, eps, coefs, noise, x0_prev = multistep_inputs(device, shape=(2, 3, 0, 4))
+    y_prev, x0 = reverse_step(y_t, eps, coefs, noise, 1.0, x0_prev=x0_prev)
+    assert y_prev.shape == x0.shape == y_t.shape
+
+
 # ---- dispatch ----------------------------------------------------------------------------------
 
 def test_auto_backend_runs_the_cpu_extension_for_cpu_tensors():
@@ -496,6 +680,142 @@ def test_auto_backend_runs_the_cpu_extension_for_cpu_tensors():
         y_t, eps, coefs, noise = step_inputs("cpu")
         assert torch.equal(sr3fast.ops.reverse_step(y_t, eps, coefs, noise),
                            reverse_step(y_t, eps, coefs, noise))
+
+
+# ---- the C++ loop with Python denoisers (sr3fast._C.sample) -------------------------------------
+
+def _stand_in_denoiser(x, y_t, gamma):
+    """A deterministic f(x, y_t, gamma) -> eps whose output depends on the trajectory (y_t), so a
+    loop that carried the wrong history or skipped a step ends elsewhere."""
+    return (x - 0.7 * y_t).tanh() * gamma.sqrt()[:, None, None, None] + 0.1 * y_t
+
+
+def _loop_tables(sampler, batch=2, steps=7, device="cpu"):
+    from sr3fast.diffusion import NoiseSchedule, make_betas, noise_levels, respace, reverse_coefficients
+    schedule = respace(NoiseSchedule(make_betas("linear", 200, 1e-4, 2e-2)), steps)
+    return (reverse_coefficients(schedule, sampler, batch, device),
+            noise_levels(schedule, batch, device))
+
+
+def _random_multistep_tables(batch=3, steps=6, seed=4, device="cpu"):
+    """(T, B, 6) coefficients different per sample and step in SR3's ranges, m2 in [-1, 0] with
+    m2 = 0 at the first step, sigma = 0 at the last; and (T, B) noise levels."""
+    g = torch.Generator().manual_seed(seed)
+    lo = torch.tensor([1.0, 0.0, 0.0, 0.0, 0.0, -1.0])
+    hi = torch.tensor([3.0, 2.0, 1.0, 1.0, 0.5, 0.0])
+    coefs = lo + (hi - lo) * torch.rand(steps, batch, 6, generator=g)
+    coefs[0, :, 5] = 0
+    coefs[-1, :, 4] = 0
+    return coefs.to(device), torch.rand(steps, batch, generator=g).to(device)
+
+
+def _python_multistep_loop(denoise, x, y_T, coefs, gammas, clip, stochastic, generator):
+    """The multistep loop written out over the reference: x0_prev = 0, then each step
+    y, x0_prev = reverse_step(y, eps, coefs[i], z, clip, x0_prev=x0_prev), z ~ N(0, I) from
+    generator (zeros on the last step and when not stochastic)."""
+    y = y_T.float().clone()
+    x0_prev = torch.zeros_like(y)
+    steps = coefs.shape[0]
+    for i in range(steps):
+        eps = denoise(x, y.to(x.dtype), gammas[i])
+        if stochastic and i < steps - 1:
+            z = torch.randn(y.shape, generator=generator, device=y.device, dtype=torch.float32)
+        else:
+            z = torch.zeros_like(y)
+        y, x0_prev = reference.reverse_step(y, eps.float(), coefs[i], z, clip, x0_prev=x0_prev)
+    return y
+
+
+def _cpp_loop(x, y_T, coefs, gammas, clip, stochastic, kernel_noise, seed, multistep,
+              callback=None):
+    generator = torch.Generator(x.device).manual_seed(seed)
+    return sr3fast._C.sample(_stand_in_denoiser, x, y_T, coefs, gammas, clip, stochastic,
+                             kernel_noise, generator, callback, multistep)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("tables", ["dpmpp_2m", "dpmpp_2m_sde", "random"])
+@pytest.mark.parametrize("clip", [None, 1.0], ids=["no_clip", "clip"])
+def test_cpp_loop_multistep_matches_a_python_loop_over_the_reference(clip, tables, device):
+    """multistep=True: x0 carried from step to step from zeros, each step the multistep op; with
+    noise="torch" the Python loop over sr3fast.reference with the same tables, generator and
+    stand-in denoiser gives the same y_0 bit for bit. On a CPU the in-kernel noise (drawn like
+    the reference) agrees too."""
+    gen = torch.Generator().manual_seed(9)
+    x = (torch.rand(3, 3, 6, 5, generator=gen) * 2 - 1).to(device)
+    y_T = torch.randn(x.shape, generator=gen).to(device)
+    if tables == "random":
+        coefs, gammas = _random_multistep_tables(batch=3, device=device)
+    else:
+        coefs, gammas = _loop_tables(tables, batch=3, device=device)
+    stochastic = bool((coefs[:, :, 4] != 0).any())
+    assert (coefs[1:, :, 5] != 0).any()  # a multistep table: the history term is used
+    steps = []
+    got = _cpp_loop(x, y_T, coefs, gammas, clip, stochastic, False, 5, True,
+                    callback=lambda i, y: steps.append(i))
+    want = _python_multistep_loop(_stand_in_denoiser, x, y_T, coefs, gammas, clip, stochastic,
+                                  torch.Generator(device).manual_seed(5))
+    report(f"cpp multistep loop {tables}", got, want)
+    assert got.dtype == torch.float32 and torch.equal(got, want)
+    assert steps == list(range(coefs.shape[0]))
+    if device == "cpu":
+        assert torch.equal(_cpp_loop(x, y_T, coefs, gammas, clip, stochastic, True, 5, True), want)
+    # the history matters: the single-step loop over the same table ends elsewhere
+    assert not torch.equal(_cpp_loop(x, y_T, coefs, gammas, clip, stochastic, False, 5, False), got)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kernel_noise", [False, True], ids=["torch_noise", "kernel_noise"])
+def test_cpp_loop_multistep_with_m2_zero_is_the_single_step_loop(kernel_noise, device):
+    """All m2 = 0: multistep=True gives multistep=False's y_0 bit for bit (same noise draws, the
+    history term adds nothing), with either noise source; and the single-step loop reads a
+    (T, B, 6) table as its older (T, B, 5) form."""
+    gen = torch.Generator().manual_seed(10)
+    x = (torch.rand(2, 3, 7, 4, generator=gen) * 2 - 1).to(device)
+    y_T = torch.randn(x.shape, generator=gen).to(device)
+    coefs, gammas = _loop_tables("posterior", device=device)
+    assert coefs.shape[-1] == 6 and (coefs[..., 5] == 0).all()
+    single = _cpp_loop(x, y_T, coefs, gammas, 1.0, True, kernel_noise, 3, False)
+    assert torch.equal(_cpp_loop(x, y_T, coefs, gammas, 1.0, True, kernel_noise, 3, True), single)
+    narrow = coefs[..., :5].contiguous()
+    assert torch.equal(_cpp_loop(x, y_T, narrow, gammas, 1.0, True, kernel_noise, 3, False), single)
+
+
+def test_cpp_loop_multistep_needs_the_m2_column():
+    x = torch.zeros(2, 3, 4, 4)
+    coefs, gammas = _loop_tables("dpmpp_2m")
+    with pytest.raises(RuntimeError, match=r"coefs must be the \(T, 2, 6\) float32 table.*"
+                                           r"multistep loop reads its m2 column"):
+        _cpp_loop(x, x, coefs[..., :5].contiguous(), gammas, None, False, False, 0, True)
+    with pytest.raises(RuntimeError, match=r"coefs must be the \(T, 2, 6\) float32 table"):
+        _cpp_loop(x, x, coefs[..., :4].contiguous(), gammas, None, False, False, 0, False)
+
+
+def test_cpp_loop_multistep_defaults_to_off():
+    """Callers from before the multistep option (ten arguments) run the single-step loop."""
+    gen = torch.Generator().manual_seed(12)
+    x = torch.rand(2, 3, 4, 4, generator=gen) * 2 - 1
+    coefs, gammas = _random_multistep_tables(batch=2)
+    old = sr3fast._C.sample(_stand_in_denoiser, x, x, coefs, gammas, None, False, False, None, None)
+    assert torch.equal(old, _cpp_loop(x, x, coefs, gammas, None, False, False, 0, False))
+
+
+def test_save_sampling_inputs_records_multistep(tmp_path):
+    """What csrc/tools/sample.cpp reads: a 0-d bool "multistep" (true for sr3fast.diffusion's
+    MULTISTEP samplers), the 6-column table, and "stochastic" as the samplers decide it."""
+    from sr3fast.diffusion import MULTISTEP, NoiseSchedule, make_betas, respace
+    from sr3fast.export import save_sampling_inputs
+    schedule = respace(NoiseSchedule(make_betas("linear", 100, 1e-4, 2e-2)), 5)
+    x = torch.zeros(1, 3, 4, 4)
+    expected = {"posterior": (False, True), "ddim": (False, False), "dpmpp_2m": (True, False),
+                "dpmpp_2m_sde": (True, True)}
+    assert MULTISTEP == {"dpmpp_2m", "dpmpp_2m_sde"}
+    for sampler, (multistep, stochastic) in expected.items():
+        record = torch.load(save_sampling_inputs(tmp_path / f"{sampler}.pt", x, schedule, sampler))
+        assert record["multistep"].dtype == torch.bool and record["multistep"].dim() == 0
+        assert record["multistep"].item() == multistep
+        assert record["stochastic"].item() == stochastic
+        assert record["coefs"].shape == (5, 1, 6)
 
 
 # ---- the CMake build ---------------------------------------------------------------------------
@@ -600,12 +920,13 @@ def aoti_denoiser(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sampler", ["sr3", "posterior", "ddim"])
+@pytest.mark.parametrize("sampler", ["sr3", "posterior", "ddim", "dpmpp_2m", "dpmpp_2m_sde"])
 def test_sample_aoti_matches_the_python_sampler(aoti_denoiser, sampler):
     """The C++ loop with the compiled denoiser reproduces sr3fast.diffusion's sampler exactly
-    (same tables, same noise draws, same fused step)."""
-    from sr3fast.diffusion import (CLIP, SAMPLERS, NoiseSchedule, make_betas, noise_levels,
-                                   reverse_coefficients)
+    (same tables, same noise draws, same fused step, the same x0 history for multistep ones)."""
+    from sr3fast.diffusion import (CLIP, MULTISTEP, SAMPLERS, NoiseSchedule, make_betas,
+                                   noise_levels, reverse_coefficients)
+    from sr3fast.diffusion.coefficients import is_stochastic
     from sr3fast.ops.extension.sampler import sample_aoti
     path, x, model = aoti_denoiser
     schedule = NoiseSchedule(make_betas("linear", 12, 1e-4, 2e-2))
@@ -614,14 +935,15 @@ def test_sample_aoti_matches_the_python_sampler(aoti_denoiser, sampler):
     y_T = torch.randn(x.shape, generator=torch.Generator().manual_seed(2))
     want = SAMPLERS[sampler](model, x, schedule, y_T=y_T,
                              generator=torch.Generator().manual_seed(3))
-    got = sample_aoti(path, x, y_T, coefs, gammas, clip=CLIP[sampler],
-                      stochastic=sampler != "ddim", generator=torch.Generator().manual_seed(3))
+    options = dict(clip=CLIP[sampler], stochastic=is_stochastic(schedule, sampler),
+                   multistep=sampler in MULTISTEP)
+    got = sample_aoti(path, x, y_T, coefs, gammas, generator=torch.Generator().manual_seed(3),
+                      **options)
     report(f"sample_aoti {sampler}", got, want)
     assert got.dtype == torch.float32 and torch.equal(got, want)
     # On CPU the kernel draws z exactly as the loop does, so both noise sources agree.
-    kernel = sample_aoti(path, x, y_T, coefs, gammas, clip=CLIP[sampler],
-                         stochastic=sampler != "ddim", noise="kernel",
-                         generator=torch.Generator().manual_seed(3))
+    kernel = sample_aoti(path, x, y_T, coefs, gammas, noise="kernel",
+                         generator=torch.Generator().manual_seed(3), **options)
     assert torch.equal(kernel, want)
 
 
@@ -633,5 +955,10 @@ def test_sample_aoti_registration_and_errors(aoti_denoiser):
     gammas = torch.rand(4, 2)
     torch.library.opcheck(torch.ops.sr3fast.sample_aoti.default, (path, x, x, coefs, gammas),
                           test_utils=("test_schema", "test_faketensor"))
+    wide = torch.cat([coefs, torch.zeros(4, 2, 1)], dim=2)
+    torch.library.opcheck(torch.ops.sr3fast.sample_aoti.default, (path, x, x, wide, gammas),
+                          {"multistep": True}, test_utils=("test_schema", "test_faketensor"))
+    with pytest.raises(RuntimeError, match="a multistep loop reads its m2 column"):
+        torch.ops.sr3fast.sample_aoti(path, x, x, coefs, gammas, multistep=True)
     with pytest.raises(RuntimeError, match=r"gammas must be the \(T, 2\) float32 table"):
         torch.ops.sr3fast.sample_aoti(path, x, x, coefs, gammas[:3])

@@ -30,8 +30,10 @@ from sr3fast.diffusion import NoiseSchedule, respace, sample
 from sr3fast.export import export, load_package, save_sampling_inputs
 
 # (sampler, respaced steps, seed, whether the inputs carry y_T): posterior clips and adds noise,
-# ddim neither (no "clip" key, stochastic False), sr3 starts from a given y_T.
-CASES = [("posterior", 8, 1, False), ("ddim", 8, 2, False), ("sr3", 5, 3, True)]
+# ddim neither (no "clip" key, stochastic False), sr3 starts from a given y_T; the multistep
+# solvers carry x0 from step to step ("multistep" True), dpmpp_2m_sde adding noise as well.
+CASES = [("posterior", 8, 1, False), ("ddim", 8, 2, False), ("sr3", 5, 3, True),
+         ("dpmpp_2m", 6, 4, False), ("dpmpp_2m_sde", 6, 5, False)]
 PYTHON_BACKENDS = ("cpu", "reference")  # the first must match the program exactly; so must all
 
 
