@@ -11,6 +11,8 @@ ratio (sr3fast.evaluation.image_metrics, averaged over the crops) and seconds pe
 crops go through the U-Net as one batch; the machine is named in the JSON).
 
 The 1000-step row is the ancestral (posterior) sampler: the quality few-step samplers must keep.
+Started from the input at start_gamma, it runs every level of the training schedule below
+start_gamma when there are fewer than 1000 (the row records the steps actually run).
 """
 from __future__ import annotations
 
@@ -108,9 +110,11 @@ def main(argv=None) -> int:
             schedule = training_schedule(model, steps, start_gamma)
             label = "training"
         row = run_row(model, truth, low, sampler, schedule, start_gamma, back_projections, args.seed)
-        row.update(sampler=sampler, steps=abs(steps), schedule=label)
+        # steps: the network evaluations run, which is fewer than asked where the truncated
+        # training schedule has fewer levels (the 1000-step reference from start_gamma).
+        row.update(sampler=sampler, steps=schedule.num_steps, asked=abs(steps), schedule=label)
         record["rows"].append(row)
-        print(f"{sampler:13s} {abs(steps):5d} {label:8s} PSNR {row['psnr']:6.2f} SSIM {row['ssim']:.4f} "
+        print(f"{sampler:13s} {schedule.num_steps:5d} {label:8s} PSNR {row['psnr']:6.2f} SSIM {row['ssim']:.4f} "
               f"cons {row['consistency']:.2e} sharp {row['sharpness_ratio']:.3f} "
               f"{row['seconds_per_crop']:.2f} s/crop", flush=True)
         tmp = out.with_suffix(".tmp")

@@ -187,13 +187,14 @@ def upscale(x, model=None, *, steps: int | None = None, sampler: str | None = No
     respaced to `steps` g values (SR3 conditions on the noise level, so any schedule works without
     retraining), or over `schedule` (a NoiseSchedule or a schedule dict) when given. sampler:
     'posterior' (x0-clipped, posterior variance: how public checkpoints were sampled), 'sr3'
-    (Algorithm 2) or 'ddim'. Whatever is not given comes from the model's recommended settings
+    (Algorithm 2), 'ddim', 'dpmpp_2m' (DPM-Solver++(2M), multistep, for few steps) or
+    'dpmpp_2m_sde' (its SDE form). Whatever is not given comes from the model's recommended settings
     (`model.inference_settings`, stored in its checkpoint; the default model has them), else
     100 steps and the sampler by architecture. seed: same seed, same
     image (noise='torch' draws the noise with torch on the model's device, so every backend gives
     the same image; 'kernel' lets fused backends draw it in-kernel); a preset name as `model` also
-    takes its random weights from it. eta: DDIM's noise scale, for sampler 'ddim' only (0, its
-    default: deterministic; 1: the posterior variance).
+    takes its random weights from it. eta: the noise scale of 'ddim' (default 0: deterministic;
+    1: the posterior variance) and 'dpmpp_2m_sde' (default 1: the SDE); no other sampler takes it.
 
     start_gamma: start the reverse chain at noise level g = start_gamma from the condition
     noised to it, y_T = sqrt(g_T) x + sqrt(1 - g_T) z, over the training schedule truncated there

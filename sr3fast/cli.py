@@ -103,7 +103,7 @@ def _upscale_failure(err: BaseException, source: Path, device) -> str | None:
         where = device if device is not None else "cpu"
         return (f"out of memory upscaling {str(source)!r} on {where}: use a smaller image (or crop it "
                 "into pieces), or a device with more memory")
-    if isinstance(err, (ValueError, FloatingPointError, OSError)):
+    if isinstance(err, (ValueError, FloatingPointError, OSError, MemoryError)):
         return f"cannot upscale {str(source)!r}: {err}"
     return None
 
@@ -142,6 +142,7 @@ def cmd_upscale(args) -> int:
     try:       # the checks upscale makes, before anything is written
         api._settings(model, args.sampler, args.steps, None, args.eta, args.start_gamma)
         api._back_projections(model, args.back_projections)
+        _check_tiling(model, args)
     except ValueError as err:
         raise UsageError(str(err)) from None
 
@@ -159,7 +160,9 @@ def cmd_upscale(args) -> int:
     images_bar = not args.quiet and len(jobs) > 1 and launch.rank == 0
     options = dict(model=model, steps=args.steps, sampler=args.sampler, eta=args.eta,
                    start_gamma=args.start_gamma, back_projections=args.back_projections,
-                   progress=not args.quiet and len(jobs) == 1, loop=args.loop, package=args.package)
+                   progress=not args.quiet and len(jobs) == 1, loop=args.loop, package=args.package,
+                   tile=args.tile, tile_overlap=args.tile_overlap, max_memory=args.max_memory,
+                   scale=args.scale)
     with tqdm(total=len(todo), unit="image", desc=_bar_title(launch), disable=not images_bar,
               dynamic_ncols=True) as bar:
         say = tqdm.write if images_bar else print
@@ -180,6 +183,22 @@ def cmd_upscale(args) -> int:
     if launch.rank == 0:
         _print_summary(total, len(jobs), args.skip_existing)
     return EXIT_FAILED if total.failures else EXIT_OK
+
+
+def _check_tiling(model, args) -> None:
+    """The tiling and --scale checks upscale makes per image, made once before any is read."""
+    from .cascades import repeated
+    from .tiling import default_overlap, tile_plan
+
+    if args.scale is not None:
+        repeated(model, args.scale)
+    if args.tile is False and (args.tile_overlap is not None or args.max_memory is not None):
+        raise ValueError("--tile off samples untiled; drop --tile-overlap and --max-memory")
+    if args.tile:
+        overlap = default_overlap(args.tile) if args.tile_overlap is None else args.tile_overlap
+        tile_plan(args.tile, args.tile, args.tile, overlap, model.size_multiple)
+    elif args.tile_overlap is not None and args.tile_overlap < 0:
+        raise ValueError(f"--tile-overlap must be at least 0, got {args.tile_overlap}")
 
 
 def _bar_title(launch) -> str:
@@ -381,6 +400,37 @@ def cmd_convert(args) -> int:
     return 0
 
 
+def _tile(text: str):
+    """--tile: 'auto' (None: from the memory budget), 'off' (False) or a side in output pixels."""
+    if text.lower() in ("auto", "off"):
+        return None if text.lower() == "auto" else False
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"--tile must be auto, off or a tile side in output pixels, got {text!r}")
+    return value
+
+
+_UNITS = {"": 1, "b": 1, "k": 2**10, "kb": 10**3, "kib": 2**10, "m": 2**20, "mb": 10**6, "mib": 2**20,
+          "g": 2**30, "gb": 10**9, "gib": 2**30, "t": 2**40, "tb": 10**12, "tib": 2**40}
+
+
+def _bytes(text: str) -> int:
+    """--max-memory: bytes, with an optional unit: 800MiB, 4G (GiB), 4GB (10^9), 1.5GiB."""
+    number = text.strip().rstrip("BbIiKkMmGgTt")
+    unit = text.strip()[len(number):].lower()
+    try:
+        value = float(number) * _UNITS[unit]
+    except (ValueError, KeyError):
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"--max-memory must be a size such as 4GiB, 800MiB or a number of "
+                                         f"bytes, got {text!r}")
+    return int(value)
+
+
 def _size(text: str) -> tuple[int, int]:
     """'128' or '128x96' (height x width)."""
     parts = text.lower().split("x")
@@ -481,6 +531,18 @@ def build_parser() -> argparse.ArgumentParser:
                     help="images of the same size sampled together, without --seed only (with --seed "
                          "each image is sampled alone from its own seed); default: 1 on cpu or with "
                          f"--package, {DEFAULT_BATCH_SIZE['cuda']} on cuda")
+    up.add_argument("--tile", type=_tile, default=None, metavar="auto|off|N",
+                    help="sample on overlapping N-pixel tiles (output pixels), their noise predictions "
+                         "blended before one reverse step, so no seam forms; auto (default): tile only "
+                         "when the image does not fit --max-memory; off: never")
+    up.add_argument("--tile-overlap", type=int, default=None, metavar="N",
+                    help="pixels neighbouring tiles share (default: a quarter of the tile)")
+    up.add_argument("--max-memory", type=_bytes, default=None, metavar="SIZE",
+                    help="memory sampling may use, e.g. 4GiB (default: what the device has free); "
+                         "picks the tile under --tile auto")
+    up.add_argument("--scale", type=int, default=None,
+                    help="overall factor, a power of the model's (16 with the 4x model: 4x twice, "
+                         "each stage from its own seed)")
     up.add_argument("--skip-existing", action="store_true",
                     help="leave inputs whose output exists alone (to resume an interrupted run)")
     up.add_argument("-q", "--quiet", action="store_true",

@@ -326,3 +326,61 @@ def test_a_single_image_gets_the_seed_itself(photo, tmp_path):
     assert _upscale(photo, tmp_path / "cli.png", "--seed", "5") == EXIT_OK
     expected = sr3fast.upscale(photo, model=sr3fast.load("tiny", seed=5), steps=2, seed=5, progress=False)
     assert np.array_equal(np.asarray(Image.open(tmp_path / "cli.png")), np.asarray(expected))
+
+
+# ---------------------------------------------------------------- tiling and --scale
+
+@pytest.fixture
+def wide_photo(tmp_path):
+    """An 8x12 RGB image: 32x48 out of the tiny preset, several tiles of 16 pixels."""
+    pixels = (np.random.default_rng(1).random((8, 12, 3)) * 255).astype(np.uint8)
+    path = tmp_path / "wide.png"
+    Image.fromarray(pixels).save(path)
+    return path
+
+
+def test_tile_options_reach_upscale(wide_photo, tmp_path):
+    """--tile N --tile-overlap K and --max-memory are upscale's tile=, tile_overlap=, max_memory=:
+    the file is what the API gives with them, and not what it gives untiled (a tiled canvas at
+    random weights differs), so a flag dropped on the way would show."""
+    model = sr3fast.load("tiny", seed=2)
+    tile = 2 * model.size_multiple
+    assert _upscale(wide_photo, tmp_path / "t.png", "--seed", "2", "--tile", str(tile),
+                    "--tile-overlap", str(tile // 4), "--max-memory", "2GiB") == EXIT_OK
+    expected = sr3fast.upscale(wide_photo, model=model, steps=2, seed=2, progress=False, tile=tile,
+                               tile_overlap=tile // 4, max_memory=2 * 2**30)
+    untiled = sr3fast.upscale(wide_photo, model=model, steps=2, seed=2, progress=False, tile=False)
+    written = np.asarray(Image.open(tmp_path / "t.png"))
+    assert np.array_equal(written, np.asarray(expected))
+    assert not np.array_equal(written, np.asarray(untiled))
+
+
+def test_scale_runs_the_model_twice(photo, tmp_path):
+    """--scale 16 with a 4x model: 4x4 -> 64x64, the cascade upscale(scale=16) makes."""
+    assert _upscale(photo, tmp_path / "s.png", "--seed", "1", "--scale", "16") == EXIT_OK
+    expected = sr3fast.upscale(photo, model=sr3fast.load("tiny", seed=1), steps=2, seed=1, scale=16,
+                               progress=False)
+    written = Image.open(tmp_path / "s.png")
+    assert written.size == (64, 64)
+    assert np.array_equal(np.asarray(written), np.asarray(expected))
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--tile", "off", "--max-memory", "1GiB"], "--tile off samples untiled"),
+    (["--tile", "13"], "multiple of the model's size_multiple"),   # tiny's is 2
+    (["--tile", "64", "--tile-overlap", "64"], "tile_overlap must be an integer in [0, tile=64)"),
+    (["--scale", "8"], "not a power of this model's factor 4"),
+])
+def test_bad_tiling_and_scale_are_usage_errors_before_anything_is_written(flags, message, photo, tmp_path,
+                                                                          capsys):
+    assert _upscale(photo, tmp_path / "o.png", *flags) == EXIT_USAGE
+    assert message in _no_traceback(capsys)
+    assert sorted(os.listdir(tmp_path)) == ["in.png"]
+
+
+@pytest.mark.parametrize("flags", [["--tile", "0"], ["--tile", "big"], ["--max-memory", "lots"]])
+def test_unparseable_tiling_flags_are_refused_by_the_parser(flags, photo, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        _upscale(photo, tmp_path / "o.png", *flags)
+    assert exit_.value.code == 2
+    assert "must be" in capsys.readouterr().err

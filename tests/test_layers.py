@@ -20,7 +20,8 @@ PACKAGE = ROOT / "sr3fast"
 # The product layer: modules that read and write files, parse arguments, train, evaluate, or
 # speak other codebases' formats.
 PRODUCT = ("api", "cli", "export", "evaluation", "train", "compat", "acceleration", "checkpoint",
-           "images", "inference_settings", "__main__")
+           "images", "inference_settings", "tiling", "cascades", "folders", "distributed_upscale",
+           "schedule_search", "__main__")
 # Every layer below the product, as (name, files).
 LOWER_LAYERS = {
     "diffusion": sorted((PACKAGE / "diffusion").glob("*.py")),

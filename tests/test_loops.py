@@ -55,6 +55,7 @@ import sr3fast
 from sr3fast import backends, reference
 from sr3fast.cli import main as cli_main
 from sr3fast.diffusion import CLIP, LOOPS, NoiseSchedule, respace, reverse_coefficients, sample
+from sr3fast.diffusion.coefficients import MULTISTEP, is_stochastic
 from sr3fast.export import Package, PackageInfo, load_package, open_package
 
 from support import DEVICE, fp32_atol, report
@@ -151,10 +152,10 @@ def test_cpp_loop_reproduces_the_python_loop(tiny, sampler, kwargs, noise):
 U32 = 2.0 ** -24  # float32 unit roundoff
 
 
-def reverse_step_rounding_bound(y, eps, coefs, z, clip):
+def reverse_step_rounding_bound(y, eps, coefs, z, clip, x0_prev=None, prev_products=None):
     """Elementwise bound on |A - B| for two float32 evaluations A, B of one reverse step,
 
-        x0 = clamp(a*y - b*eps),  y_prev = m0*x0 + m1*y + sigma*z,
+        x0 = clamp(a*y - b*eps),  y_prev = m0*x0 + m1*y + sigma*z  [+ m2*x0_prev, multistep],
 
     each rounding every operation once in this order, or contracting a product into the sum that
     consumes it (an FMA, which drops that product's rounding). Standard model, fl(p o q) =
@@ -170,6 +171,12 @@ def reverse_step_rounding_bound(y, eps, coefs, z, clip):
     the factor 1.001 covers the O(u^2) terms. Plus 16 float32 denormal floors for CUDA's
     flush-to-zero (--use_fast_math), which may drop a denormal product that the other keeps.
     Computed in float64 from the float32 inputs, so the bound itself is exact enough.
+
+    Multistep (x0_prev given): one more product and sum, so 5u*P with P + |m2*x0_prev|; and each
+    evaluation carried its own x0_prev, within 3u*T_prev of the exact one (prev_products, the
+    previous step's T), which m2 carries: + |m2|*3u*T_prev.
+
+    Returns (bound, T), T for the next step's prev_products.
     """
     shape = (-1,) + (1,) * (y.dim() - 1)
     a, b, m0, m1, sigma = (coefs.double()[:, k].reshape(shape) for k in range(5))
@@ -179,8 +186,14 @@ def reverse_step_rounding_bound(y, eps, coefs, z, clip):
     if clip is not None:
         x0 = x0.clamp(-clip, clip)
     terms = (m0 * x0).abs() + (m1 * y).abs() + (sigma * z).abs()
-    one = m0.abs() * 3 * U32 * products + 4 * U32 * terms
-    return 2 * 1.001 * one + 16 * torch.finfo(torch.float32).tiny
+    if x0_prev is None:
+        one = m0.abs() * 3 * U32 * products + 4 * U32 * terms
+    else:
+        m2 = coefs.double()[:, 5].reshape(shape)
+        terms = terms + (m2 * x0_prev.double()).abs()
+        one = (m0.abs() * 3 * U32 * products + 5 * U32 * terms
+               + m2.abs() * 3 * U32 * prev_products)
+    return 2 * 1.001 * one + 16 * torch.finfo(torch.float32).tiny, products
 
 
 @needs_cpp_loop
@@ -208,7 +221,9 @@ def test_every_cpp_loop_step_is_the_python_loops_step(tiny, sampler, kwargs):
         generator = torch.Generator(DEVICE).manual_seed(1)
         state = torch.randn(x.shape, generator=generator, device=DEVICE)  # y_T
         coefs = reverse_coefficients(schedule, sampler, x.shape[0], DEVICE, **kwargs)
-        stochastic = sampler != "ddim" or kwargs.get("eta", 0) > 0
+        stochastic = is_stochastic(schedule, sampler, kwargs.get("eta"))
+        multistep = sampler in MULTISTEP
+        x0_prev, prev_products = torch.zeros_like(state), torch.zeros_like(state, dtype=torch.float64)
         clip = CLIP[sampler]
         worst = 0.0
         for i, ((y_t, eps), (_, y_prev)) in enumerate(zip(calls, steps)):
@@ -217,16 +232,23 @@ def test_every_cpp_loop_step_is_the_python_loops_step(tiny, sampler, kwargs):
                 z = torch.randn(state.shape, generator=generator, device=DEVICE)
             else:
                 z = torch.zeros_like(state)
-            want = sr3fast.ops.reverse_step(y_t, eps.float(), coefs[i], noise=z, clip=clip)
+            if multistep:
+                want, x0 = sr3fast.ops.reverse_step(y_t, eps.float(), coefs[i], noise=z, clip=clip,
+                                                    x0_prev=x0_prev)
+            else:
+                want = sr3fast.ops.reverse_step(y_t, eps.float(), coefs[i], noise=z, clip=clip)
             if python_kernel == EXTENSION:
                 assert torch.equal(y_prev, want), f"step {i} differs ({python_kernel} kernel)"
             else:
-                bound = reverse_step_rounding_bound(y_t, eps, coefs[i], z, clip)
+                bound, prev_products = reverse_step_rounding_bound(
+                    y_t, eps, coefs[i], z, clip, x0_prev if multistep else None, prev_products)
                 excess = ((y_prev.double() - want.double()).abs() / bound).max().item()
                 worst = max(worst, excess)
                 assert excess <= 1, (f"step {i}: C++ and {python_kernel} steps differ by "
                                      f"{excess:.2f}x the rounding bound")
             state = y_prev
+            if multistep:
+                x0_prev = x0
         print(f"{sampler}: python loop's kernel {python_kernel}; worst step difference "
               f"{worst:.3f} of the rounding bound")
 
@@ -248,10 +270,41 @@ def test_reverse_step_rounding_bound_covers_fused_multiply_adds():
         if clip is not None:
             x0 = x0.clamp(-clip, clip)
         fused = fma(m0, x0, fma(m1, y, sigma * z))
-        bound = reverse_step_rounding_bound(y, eps, coefs, z, clip)
+        bound, _ = reverse_step_rounding_bound(y, eps, coefs, z, clip)
         ratio = ((fused.double() - rounded.double()).abs() / bound).max().item()
         print(f"clip={clip}: FMA against rounded: {ratio:.3f} of the bound")
         assert 0 < ratio <= 1  # they do differ (the test means something) and stay within
+
+
+def test_multistep_rounding_bound_covers_fused_multiply_adds_and_a_drifted_history():
+    """The multistep bound: the reference's rounded step from one x0_prev against the FMA chain
+    from an x0_prev off by 3u*T_prev (the most the other evaluation's previous step can differ,
+    sign chosen to add up), large m2 so the history term matters."""
+    generator = torch.Generator().manual_seed(1)
+    shape = (4, 3, 32, 32)
+    y = torch.randn(shape, generator=generator) * 10.0 ** torch.randint(-3, 3, shape, generator=generator)
+    eps, z = torch.randn(shape, generator=generator), torch.randn(shape, generator=generator)
+    prev_products = (torch.rand(shape, generator=generator) * 10).double()
+    x0_prev = torch.rand(shape, generator=generator) * 2 - 1
+    coefs = torch.rand(4, 6, generator=generator) * 3
+    coefs[:, 5] *= -4
+    drift = (3 * U32 * prev_products).float()
+    for clip in (None, 1.0):
+        rounded, _ = reference.reverse_step(y, eps, coefs, z, clip, x0_prev=x0_prev)
+        a, b, m0, m1, sigma, m2 = (coefs[:, k].reshape(-1, 1, 1, 1) for k in range(6))
+        fma = lambda p, q, r: (p.double() * q.double() + r.double()).float()  # noqa: E731
+        x0 = fma(a, y, -(b * eps))
+        if clip is not None:
+            x0 = x0.clamp(-clip, clip)
+        fused = fma(m0, x0, fma(m1, y, fma(m2, x0_prev + drift, sigma * z)))
+        bound, _ = reverse_step_rounding_bound(y, eps, coefs, z, clip, x0_prev, prev_products)
+        ratio = ((fused.double() - rounded.double()).abs() / bound).max().item()
+        single, _ = reverse_step_rounding_bound(y, eps, coefs[:, :5], z, clip)
+        beyond_single = ((fused.double() - rounded.double()).abs() / single).max().item()
+        print(f"clip={clip}: multistep FMA against rounded: {ratio:.3f} of the bound "
+              f"({beyond_single:.1f} of the single-step one)")
+        assert 0 < ratio <= 1
+        assert beyond_single > 1   # the history terms are needed: the single-step bound is too small
 
 
 @needs_cpp_loop
