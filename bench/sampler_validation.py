@@ -5,8 +5,11 @@
 Every sampler x step count upscales the same held-out ground-truth crops (degraded as
 `sr3fast eval` does: antialiased bicubic, 8 bits) with the same seed, the same start (the
 model's recommended start_gamma, else pure noise) and the same back-projections, over the
-model's training schedule truncated at the start and respaced to the step count (plus, with
---tuned, the model's own tuned schedule). Reported per row: PSNR, SSIM, consistency, sharpness
+model's training schedule truncated at the start and respaced to the step count ("training"),
+or (--schedules) levels spaced evenly in log-SNR from the start to the training schedule's
+cleanest level ("lambda": what DPM-Solver steps over; untuned), or the model's own tuned
+schedule ("tuned", when it has one, for its tuned sampler). Rerun with the same --out to add
+rows: rows already there (same sampler, steps asked and schedule) are kept, not run again. Reported per row: PSNR, SSIM, consistency, sharpness
 ratio (sr3fast.evaluation.image_metrics, averaged over the crops) and seconds per crop (the
 crops go through the U-Net as one batch; the machine is named in the JSON).
 
@@ -33,7 +36,7 @@ import sr3fast  # noqa: E402
 from sr3fast.api import _back_projections  # noqa: E402
 from sr3fast.diffusion import NoiseSchedule, respace, truncate  # noqa: E402
 from sr3fast.evaluation import bicubic_upscale, degrade, find_images, image_metrics, model_scale  # noqa: E402
-from sr3fast.schedule_search import crops_of, sampling_start  # noqa: E402
+from sr3fast.schedule_search import crops_of, lambda_of, sampling_start, schedule_dict  # noqa: E402
 from sr3fast.train.data import quantize  # noqa: E402
 
 SAMPLERS = ("posterior", "ddim", "dpmpp_2m", "dpmpp_2m_sde")
@@ -48,6 +51,11 @@ def training_schedule(model, steps: int, start_gamma: float | None) -> NoiseSche
     return respace(schedule, min(steps, schedule.num_steps))
 
 
+def cleanest_lambda(model) -> float:
+    """Half log-SNR of the training schedule's cleanest level, g_1 = 1 - beta_1."""
+    return lambda_of(NoiseSchedule.from_config(model.config.schedule).gammas[0].item())
+
+
 def run_row(model, truth, low, sampler, schedule, start_gamma, back_projections, seed) -> dict:
     started = time.perf_counter()
     output = sr3fast.upscale(low, model=model, sampler=sampler, schedule=schedule,
@@ -60,8 +68,55 @@ def run_row(model, truth, low, sampler, schedule, start_gamma, back_projections,
     return row
 
 
+# The goal of few-step sampling against the ancestral reference (the issue's; README).
+GOAL = {"psnr": 0.3, "ssim": 0.01, "consistency": 1.2, "sharpness_ratio": 0.10}
+
+
+def meets_goal(row: dict, reference: dict) -> bool:
+    """PSNR at most 0.3 dB and SSIM at most 0.01 below the reference, consistency at most 1.2x
+    its, sharpness within 10% of it either way (sharper is not better: it may be noise)."""
+    return (row["psnr"] >= reference["psnr"] - GOAL["psnr"]
+            and row["ssim"] >= reference["ssim"] - GOAL["ssim"]
+            and row["consistency"] <= GOAL["consistency"] * reference["consistency"]
+            and abs(row["sharpness_ratio"] / reference["sharpness_ratio"] - 1) <= GOAL["sharpness_ratio"])
+
+
+def markdown(record: dict, schedules: tuple[str, ...] = ("lambda", "tuned", "training")) -> str:
+    """The rows of a results file as a markdown table, the reference first, each row marked
+    where it meets GOAL against the reference."""
+    rows = record["rows"]
+    reference = next(r for r in rows if (r["sampler"], r["asked"]) == REFERENCE and r["schedule"] == "training")
+    names = {"training": "training, by index", "lambda": "even in log-SNR", "tuned": "tuned"}
+    lines = ["| sampler | schedule | steps | PSNR | SSIM | consistency | sharpness | s/crop | goal |",
+             "|---|---|---|---|---|---|---|---|---|"]
+
+    def line(r, goal):
+        return (f"| {r['sampler']} | {names[r['schedule']]} | {r['steps']} | {r['psnr']:.2f} | {r['ssim']:.4f} | "
+                f"{r['consistency']:.2e} | {r['sharpness_ratio']:.3f} | {r['seconds_per_crop']:.2f} | {goal} |")
+
+    lines.append(line(reference, "reference"))
+    order = {name: i for i, name in enumerate(SAMPLERS)}
+    rows = sorted(rows, key=lambda r: (order.get(r["sampler"], len(order)), -r["steps"]))
+    for schedule in schedules:
+        for r in rows:
+            if r["schedule"] == schedule and r is not reference:
+                lines.append(line(r, "yes" if meets_goal(r, reference) else ""))
+    b = record["bicubic"]
+    lines.append(f"| bicubic | | | {b['psnr']:.2f} | {b['ssim']:.4f} | {b['consistency']:.2e} | "
+                 f"{b['sharpness_ratio']:.3f} | | |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    if argv is None:
+        argv = sys.argv[1:]
+    if argv[:1] == ["--markdown"]:           # print a results file as a table
+        for path in argv[1:]:
+            print(markdown(json.loads(Path(path).read_text())))
+        return 0
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                     epilog="python bench/sampler_validation.py --markdown RESULTS.json "
+                                            "prints a results file as a markdown table")
     parser.add_argument("--model", default="default")
     parser.add_argument("--data", default=str(ROOT / "data" / "photos" / "val"),
                         help="held-out ground-truth images (default data/photos/val)")
@@ -70,8 +125,8 @@ def main(argv=None) -> int:
     parser.add_argument("--samplers", default=",".join(SAMPLERS))
     parser.add_argument("--steps", default=",".join(map(str, STEPS)))
     parser.add_argument("--no-reference", action="store_true", help="skip the 1000-step row")
-    parser.add_argument("--tuned", action="store_true",
-                        help="also rows over the model's tuned (recommended) schedule")
+    parser.add_argument("--schedules", default="training",
+                        help="comma-separated: training, lambda, tuned (default training)")
     parser.add_argument("--start-gamma", type=float, default=None,
                         help="override the start (default: the model's recommended)")
     parser.add_argument("--seed", type=int, default=0)
@@ -88,11 +143,17 @@ def main(argv=None) -> int:
     crops = crops_of(find_images([args.data]), args.crop - args.crop % scale, args.crops_per_image, scale)
     truth = torch.cat([c for _, c in crops])
     low = degrade(truth, scale)
-    plan = [] if args.no_reference else [REFERENCE]
-    plan += [(s, int(n)) for s in args.samplers.split(",") for n in args.steps.split(",")]
     settings = getattr(model, "inference_settings", None)
-    if args.tuned and settings is not None and settings.schedule is not None:
-        plan += [(settings.sampler, -int(n)) for n in args.steps.split(",")]   # negative: tuned
+    schedules = args.schedules.split(",")
+    unknown = set(schedules) - {"training", "lambda", "tuned"}
+    if unknown:
+        parser.error(f"unknown --schedules {sorted(unknown)}: choose from training, lambda, tuned")
+    if "tuned" in schedules and (settings is None or settings.schedule is None):
+        parser.error(f"{args.model} has no tuned schedule (sr3fast tune-schedule writes one)")
+    plan = [] if args.no_reference else [(*REFERENCE, "training")]
+    for label in schedules:
+        samplers = [settings.sampler] if label == "tuned" else args.samplers.split(",")
+        plan += [(s, int(n), label) for s in samplers for n in args.steps.split(",")]
 
     out = Path(args.out)
     record = {"model": args.model, "machine": platform.processor() or platform.machine(),
@@ -100,19 +161,31 @@ def main(argv=None) -> int:
               "crops": [name for name, _ in crops], "crop": truth.shape[-1], "scale": scale,
               "start_gamma": start_gamma, "back_projections": back_projections, "seed": args.seed,
               "rows": []}
+    if out.exists():       # add to an earlier run of the same comparison
+        earlier = json.loads(out.read_text())
+        same = ("model", "crops", "crop", "start_gamma", "back_projections", "seed")
+        if any(earlier.get(key) != record[key] for key in same):
+            parser.error(f"{out} holds another comparison (model, crops, start or seed differ); "
+                         "pass another --out")
+        record["rows"] = earlier["rows"]
+    done = {(row["sampler"], row["asked"], row["schedule"]) for row in record["rows"]}
     b_metrics = image_metrics(bicubic_upscale(low, scale), truth, low)
     record["bicubic"] = {key: sum(m[key] for m in b_metrics) / len(b_metrics) for key in b_metrics[0]}
-    for sampler, steps in plan:
-        if steps < 0:
-            schedule = NoiseSchedule.from_config({**settings.schedule, "n_timestep": -steps})
-            label = "tuned"
+    lambda_start, _ = sampling_start(model)
+    for sampler, steps, label in plan:
+        if (sampler, steps, label) in done:
+            continue
+        if label == "tuned":
+            schedule = NoiseSchedule.from_config({**settings.schedule, "n_timestep": steps})
+        elif label == "lambda":
+            schedule = NoiseSchedule.from_config(
+                schedule_dict(steps, lambda_start, cleanest_lambda(model), rho=1.0))
         else:
             schedule = training_schedule(model, steps, start_gamma)
-            label = "training"
         row = run_row(model, truth, low, sampler, schedule, start_gamma, back_projections, args.seed)
         # steps: the network evaluations run, which is fewer than asked where the truncated
         # training schedule has fewer levels (the 1000-step reference from start_gamma).
-        row.update(sampler=sampler, steps=schedule.num_steps, asked=abs(steps), schedule=label)
+        row.update(sampler=sampler, steps=schedule.num_steps, asked=steps, schedule=label)
         record["rows"].append(row)
         print(f"{sampler:13s} {schedule.num_steps:5d} {label:8s} PSNR {row['psnr']:6.2f} SSIM {row['ssim']:.4f} "
               f"cons {row['consistency']:.2e} sharp {row['sharpness_ratio']:.3f} "

@@ -185,7 +185,8 @@ def upscale(x, model=None, *, steps: int | None = None, sampler: str | None = No
     model: an SR3 (sr3fast.load) or anything sr3fast.load accepts; None: the default 4x model
     (sr3fast.load("default")). steps: sampling steps, over the model's training noise schedule
     respaced to `steps` g values (SR3 conditions on the noise level, so any schedule works without
-    retraining), or over `schedule` (a NoiseSchedule or a schedule dict) when given. sampler:
+    retraining; for the DPM-Solver++ samplers, spaced evenly in log-SNR between the same ends
+    instead, sr3fast.diffusion.respace_log_snr), or over `schedule` (a NoiseSchedule or a schedule dict) when given. sampler:
     'posterior' (x0-clipped, posterior variance: how public checkpoints were sampled), 'sr3'
     (Algorithm 2), 'ddim', 'dpmpp_2m' (DPM-Solver++(2M), multistep, for few steps) or
     'dpmpp_2m_sde' (its SDE form). Whatever is not given comes from the model's recommended settings
@@ -228,7 +229,7 @@ def upscale(x, model=None, *, steps: int | None = None, sampler: str | None = No
     precision too narrow for the model) rather than return it.
     """
     from .cascades import Cascade, repeated
-    from .diffusion import NoiseSchedule, respace, sample, truncate
+    from .diffusion import MULTISTEP, NoiseSchedule, respace, respace_log_snr, sample, truncate
     from .tiling import tiler_for
 
     if model is None:
@@ -264,9 +265,12 @@ def upscale(x, model=None, *, steps: int | None = None, sampler: str | None = No
 
     if schedule is None:
         schedule = NoiseSchedule.from_config(config.schedule)
-        if start_gamma:
-            schedule = truncate(schedule, start_gamma)
-        schedule = respace(schedule, steps)
+        if sampler in MULTISTEP:       # evenly in log-SNR, as DPM-Solver++ steps
+            schedule = respace_log_snr(schedule, steps, start_gamma)
+        else:
+            if start_gamma:
+                schedule = truncate(schedule, start_gamma)
+            schedule = respace(schedule, steps)
     elif isinstance(schedule, dict):
         schedule = NoiseSchedule.from_config(schedule)
     generator = torch.Generator(device=device)

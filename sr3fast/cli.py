@@ -344,7 +344,8 @@ def cmd_tune_schedule(args) -> int:
     model = _load_model(args.model, device=_device(args.device))
     report = tune_schedule(model, [args.data], steps, sampler=args.sampler, crop=args.crop,
                            crops_per_image=args.crops_per_image, seed=args.seed, guard=args.guard,
-                           points=grid, rounds=args.rounds, slack=args.slack, progress=not args.quiet)
+                           points=grid, rounds=args.rounds, slack=args.slack, baseline=args.baseline,
+                           progress=not args.quiet)
     print(report.table())
     if args.json:
         print(f"wrote {write_report_json(report, args.json)}")
@@ -610,6 +611,10 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--rounds", type=int, default=1, help="refinement rounds (default 1)")
     tune.add_argument("--guard", type=float, default=0.9,
                       help="keep at least this fraction of the baseline's sharpness (default 0.9)")
+    tune.add_argument("--baseline", choices=("recommended", "ancestral"), default="recommended",
+                      help="whose sharpness the guard keeps: the model's recommended settings "
+                           "(default), or the ancestral sampler over every training level from the "
+                           "start (the quality reference; slower: hundreds of steps per crop)")
     tune.add_argument("--slack", type=float, default=0.1,
                       help="recommend the fewest steps within this many dB of the best (default 0.1)")
     tune.add_argument("--seed", type=int, default=0, help="seed for every candidate (default 0)")

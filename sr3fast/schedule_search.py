@@ -12,8 +12,9 @@ al. 2021 do the same for WaveGrad). The family searched here is sr3fast's "lambd
 
 Objective, stated: the mean PSNR over the held-out crops, subject to a sharpness guard: the mean
 sharpness ratio (sr3fast.evaluation's high-frequency energy, output over truth) must be at
-least `guard` (default 0.9) times that of the model's current recommended settings, measured
-on the same crops. PSNR alone rewards blur (the conditional mean maximises it); the guard makes
+least `guard` (default 0.9) times that of a baseline measured on the same crops: the model's
+current recommended settings (baseline="recommended", cheap), or the ancestral chain over
+every training level from the start (baseline="ancestral": the quality few steps must keep). PSNR alone rewards blur (the conditional mean maximises it); the guard makes
 blur lose. Candidates that fail the guard are reported and never chosen.
 
 Search: a grid over the (lambda_end, rho) box, then `rounds` finer grids around the best point,
@@ -44,6 +45,7 @@ from .train.data import quantize
 # training schedule's cleanest level (g_1 = 1 - 1e-6) is lambda 6.9. rho: from coarse-early
 # (0.5) to fine-early (3).
 LAMBDA_END_RANGE = (1.0, 10.0)
+BASELINES = ("recommended", "ancestral")
 RHO_RANGE = (0.5, 3.0)
 
 
@@ -110,6 +112,15 @@ def lambda_of(gamma: float) -> float:
 def schedule_dict(steps: int, lambda_start: float, lambda_end: float, rho: float) -> dict:
     return {"schedule": "lambda", "n_timestep": int(steps), "lambda_start": float(lambda_start),
             "lambda_end": float(lambda_end), "rho": float(rho)}
+
+
+def ancestral_schedule(model, start_gamma: float | None):
+    """The model's training schedule, truncated at start_gamma when given: the levels the full
+    ancestral chain visits (the few-step samplers' quality reference)."""
+    from .diffusion import NoiseSchedule, truncate
+
+    schedule = NoiseSchedule.from_config(model.config.schedule)
+    return truncate(schedule, start_gamma) if start_gamma else schedule
 
 
 def sampling_start(model) -> tuple[float, float | None]:
@@ -234,7 +245,7 @@ def choose_steps(results: list[StepResult], slack: float) -> int | None:
 def tune_schedule(model, paths: Sequence[str | Path], steps: Sequence[int], *, sampler: str | None = None,
                   crop: int = 128, crops_per_image: int = 2, seed: int = 0, guard: float = 0.9,
                   points: Sequence[int] = (4, 3), rounds: int = 1, slack: float = 0.1,
-                  progress: bool = True) -> TuneReport:
+                  baseline: str = "recommended", progress: bool = True) -> TuneReport:
     """Search the lambda schedule's (lambda_end, rho) for each step count in `steps` on crops of
     the ground-truth images `paths` (folders expanded), as the module docstring describes."""
     from .api import _back_projections, _settings
@@ -245,6 +256,8 @@ def tune_schedule(model, paths: Sequence[str | Path], steps: Sequence[int], *, s
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
     if not 0 < guard <= 2:
         raise ValueError(f"guard must lie in (0, 2] (a fraction of the baseline's sharpness), got {guard!r}")
+    if baseline not in BASELINES:
+        raise ValueError(f"baseline must be one of {', '.join(BASELINES)}, got {baseline!r}")
     if crop < 8 or crops_per_image < 1:
         raise ValueError(f"crop must be >= 8 pixels and crops_per_image >= 1, got {crop}, {crops_per_image}")
     paths = find_images([str(p) for p in paths])
@@ -257,10 +270,17 @@ def tune_schedule(model, paths: Sequence[str | Path], steps: Sequence[int], *, s
     scorer = CropScorer(model, crops_of(paths, crop - crop % scale, crops_per_image, scale), seed,
                         back_projections)
 
-    baseline = scorer()
-    baseline["description"] = (f"{base_sampler}, {base_steps} steps, "
-                               f"{'tuned schedule' if base_schedule else 'training schedule'}"
-                               f"{f', start_gamma {base_start}' if base_start else ''}")
+    if baseline == "ancestral":
+        chain = ancestral_schedule(model, start_gamma)
+        baseline = scorer(sampler="posterior", schedule=chain,
+                          start_gamma=chain.gammas[-1].item() if start_gamma else None)
+        baseline["description"] = (f"posterior, every training level {'below start_gamma ' if start_gamma else ''}"
+                                   f"({chain.num_steps} steps)")
+    else:
+        baseline = scorer()
+        baseline["description"] = (f"{base_sampler}, {base_steps} steps, "
+                                   f"{'tuned schedule' if base_schedule else 'training schedule'}"
+                                   f"{f', start_gamma {base_start}' if base_start else ''}")
     floor = guard * baseline["sharpness_ratio"]
     box = Box(("lambda_end", "rho"),
               ((max(LAMBDA_END_RANGE[0], lambda_start + 0.5), LAMBDA_END_RANGE[1]), RHO_RANGE))

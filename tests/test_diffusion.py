@@ -128,7 +128,8 @@ def public_schedule() -> NoiseSchedule:
 
 # ----------------------------------------------------------------------------- schedules
 
-@pytest.mark.parametrize("name", SCHEDULES)
+# "lambda" is sr3fast's own inference family (no public formula; tests/test_schedule_search.py).
+@pytest.mark.parametrize("name", [name for name in SCHEDULES if name != "lambda"])
 @pytest.mark.parametrize("n", [1, 7, 2000])
 def test_named_schedules_match_public_formulas(name, n):
     start, end = 1e-6, 1e-2
@@ -650,8 +651,9 @@ def test_the_chain_runs_every_step_in_order(public_schedule, sampler, eta, monke
         # DDIM is a difference of terms up to a + 1): a few float32 units of those terms
         a, b, m0, m1, sigma = (abs(c) for c in want.tolist())
         scale = torch.tensor([a, b, m0 + m1 * (1 + math.sqrt(g)) + 1, m1 + 1, sigma + 1], dtype=torch.float64)
-        assert ((coefs.double() - want).abs() <= 4 * EPS32 * scale).all(), \
+        assert ((coefs[..., :5].double() - want).abs() <= 4 * EPS32 * scale).all(), \
             f"step {i} (t = {t}) ran coefficients {coefs[0].tolist()}, not {want.tolist()}"
+        assert coefs.shape[-1] == 5 or (coefs[..., 5] == 0).all(), f"step {i}: a history term (m2)"
         previous = y_T if i == 0 else recorded[i - 1][4]
         assert torch.equal(y_t, previous), f"step {i} did not start from step {i - 1}'s output"
         fresh = torch.randn(x.shape, generator=draws) if stochastic and t > 1 else torch.zeros_like(y_T)

@@ -246,3 +246,56 @@ def test_bad_sampler_arguments_say_what_to_do():
         respace(schedule, 0)
     with pytest.raises(ValueError):
         NoiseSchedule(torch.tensor([0.1, 1.5], dtype=torch.float64))
+
+
+# ------------------------------------------------------------- the schedule they step over
+
+@pytest.mark.parametrize("start_gamma", [None, 0.5])
+def test_respace_log_snr_spaces_evenly_between_the_schedules_ends(start_gamma):
+    """Evenly in lambda from the start (start_gamma, else g_T) to the cleanest level g_1, both
+    kept exactly; one step is the start level alone."""
+    from sr3fast.diffusion import respace_log_snr
+
+    training = NoiseSchedule(make_betas("linear", 2000, 1e-6, 1e-2))
+    g_start = start_gamma or training.gammas[-1].item()
+    for steps in (2, 7, 20):
+        levels = respace_log_snr(training, steps, start_gamma).gammas
+        lam = log_snr(levels).flip(0)                 # loop order: noisy first
+        assert levels.shape == (steps,)
+        torch.testing.assert_close(lam[0], log_snr(torch.tensor(g_start, dtype=torch.float64)), rtol=0,
+                                   atol=1e-9)
+        torch.testing.assert_close(lam[-1], log_snr(training.gammas[:1]).squeeze(0), rtol=0, atol=1e-9)
+        gaps = lam.diff()
+        torch.testing.assert_close(gaps, gaps.mean().expand_as(gaps), rtol=1e-9, atol=0)
+    one = respace_log_snr(training, 1, start_gamma).gammas
+    torch.testing.assert_close(one, torch.tensor([g_start], dtype=torch.float64), rtol=1e-12, atol=0)
+    with pytest.raises(ValueError, match="below the schedule's cleanest level"):
+        respace_log_snr(training, 5, 1 - 1e-9)
+
+
+@pytest.mark.parametrize("sampler", ["ddim", "posterior", "dpmpp_2m", "dpmpp_2m_sde"])
+def test_upscale_steps_the_dpm_solvers_over_log_snr_and_the_others_over_the_training_steps(sampler,
+                                                                                           monkeypatch):
+    """With no schedule given: DPM-Solver++ samplers over respace_log_snr, the single-step ones
+    over the training schedule respaced by index (the public code's convention), from the same
+    start either way."""
+    from sr3fast.diffusion import respace_log_snr, truncate
+
+    model = sr3fast.load("tiny", seed=0)
+    training = NoiseSchedule.from_config(model.config.schedule)
+    seen = {}
+    real_sample = sr3fast.diffusion.sample
+
+    def spy(name, model, x, schedule, **kwargs):
+        seen["gammas"] = schedule.gammas.clone()
+        return real_sample(name, model, x, schedule, **kwargs)
+
+    monkeypatch.setattr(sr3fast.diffusion, "sample", spy)
+    for start_gamma in (0, 0.5):
+        sr3fast.upscale(torch.rand(1, 3, 4, 4), model=model, sampler=sampler, steps=6, seed=0,
+                        start_gamma=start_gamma, progress=False)
+        if sampler in MULTISTEP:
+            want = respace_log_snr(training, 6, start_gamma or None)
+        else:
+            want = respace(truncate(training, start_gamma) if start_gamma else training, 6)
+        torch.testing.assert_close(seen["gammas"], want.gammas, rtol=0, atol=0)

@@ -147,6 +147,36 @@ def test_tune_schedule_reports_and_recommends(tiny, photos, monkeypatch):
         del tiny.inference_settings
 
 
+def test_the_ancestral_baseline_is_the_posterior_over_every_level_below_the_start(tiny, photos, monkeypatch):
+    """baseline="ancestral": the guard's sharpness comes from the posterior sampler over the
+    training schedule truncated at the model's start_gamma, every level of it (the quality
+    reference), started from the input noised to its first level; not from the recommended
+    settings (here ddim, 2 steps)."""
+    seen = []
+    real_sample = sr3fast.diffusion.sample
+
+    def spy(name, model, x, schedule, **kwargs):
+        seen.append((name, schedule.num_steps, schedule.gammas[-1].item(), kwargs.get("y_T") is not None))
+        return real_sample(name, model, x, schedule, **kwargs)
+
+    monkeypatch.setattr(sr3fast.diffusion, "sample", spy)
+    tiny.inference_settings = InferenceSettings(sampler="ddim", steps=2, start_gamma=0.9)
+    try:
+        report = tune_schedule(tiny, [photos], [2], sampler="ddim", crop=32, crops_per_image=1,
+                               points=(1, 1), rounds=0, baseline="ancestral", progress=False)
+    finally:
+        del tiny.inference_settings
+    training = NoiseSchedule.from_config(tiny.config.schedule)
+    below = int((training.gammas >= 0.9).sum())
+    assert 1 < below < training.num_steps
+    assert seen[0] == ("posterior", below, training.gammas[below - 1].item(), True)
+    assert seen[1] == seen[0]                    # one call per held-out crop (two photos)
+    assert all(call[0] == "ddim" and call[1] == 2 for call in seen[2:])
+    assert f"({below} steps)" in report.baseline["description"]
+    with pytest.raises(ValueError, match="baseline must be one of"):
+        tune_schedule(tiny, [photos], [2], baseline="best", progress=False)
+
+
 def test_tune_schedule_cli(tiny, photos, tmp_path, capsys):
     from sr3fast.cli import main
 

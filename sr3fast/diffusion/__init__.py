@@ -13,11 +13,11 @@ from .loops import LOOPS
 from .loss import diffusion_loss, sample_gamma
 from .samplers import (SAMPLERS, sample, sample_ddim, sample_dpmpp_2m, sample_dpmpp_2m_sde,
                        sample_posterior, sample_sr3)
-from .schedules import SCHEDULES, NoiseSchedule, make_betas, respace, truncate
+from .schedules import SCHEDULES, NoiseSchedule, make_betas, respace, respace_log_snr, truncate
 
 __all__ = [
     "CLIP", "LOOPS", "MULTISTEP", "SAMPLERS", "SAMPLER_NAMES", "SCHEDULES", "NoiseSchedule",
-    "diffusion_loss", "log_snr", "make_betas", "noise_levels", "respace", "truncate",
+    "diffusion_loss", "log_snr", "make_betas", "noise_levels", "respace", "respace_log_snr", "truncate",
     "reverse_coefficients", "sample", "sample_ddim", "sample_dpmpp_2m", "sample_dpmpp_2m_sde",
     "sample_gamma", "sample_posterior", "sample_sr3",
 ]

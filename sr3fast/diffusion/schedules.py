@@ -269,6 +269,27 @@ def respace(schedule: NoiseSchedule, steps: int) -> NoiseSchedule:
     return NoiseSchedule(1 - gammas / gammas_prev)
 
 
+def respace_log_snr(schedule: NoiseSchedule, steps: int, start_gamma: float | None = None) -> NoiseSchedule:
+    """A `steps`-step schedule spanning the same levels as `schedule` (from start_gamma when
+    given, else its noisiest level g_T, to its cleanest g_1), spaced evenly in half log-SNR
+    lambda = 0.5·log(g/(1 - g)) instead of in the training step index: a "lambda" schedule
+    (lambda_levels, rho = 1). This is the spacing DPM-Solver's analysis assumes; respacing a
+    linear training schedule by index instead makes the last lambda steps many times longer than
+    the ones before, which a multistep correction extrapolates across (see the README's
+    validation)."""
+    if not isinstance(schedule, NoiseSchedule):
+        raise TypeError(f"respace_log_snr expects a NoiseSchedule, got {type(schedule).__name__}")
+    g_start = float(start_gamma) if start_gamma else schedule.gammas[-1].item()
+    g_end = schedule.gammas[0].item()
+    if not 0 < g_start < g_end:
+        raise ValueError(f"respace_log_snr: the start level {g_start!r} must lie in (0, {g_end!r}), "
+                         "below the schedule's cleanest level")
+    half_log_snr = lambda g: 0.5 * math.log(g / (1 - g))  # noqa: E731
+    return NoiseSchedule.from_config({"schedule": "lambda", "n_timestep": steps,
+                                      "lambda_start": half_log_snr(g_start),
+                                      "lambda_end": half_log_snr(g_end), "rho": 1.0})
+
+
 def truncate(schedule: NoiseSchedule, min_gamma: float) -> NoiseSchedule:
     """The first steps of `schedule`, up to the last whose noise level g_t is still >= min_gamma
     (at least one step): a reverse chain over it starts at g_T ~ min_gamma instead of pure
