@@ -4,6 +4,10 @@ public SR3 code's default, with the same U-Net weights, measured in one run.
     public default   2000 ancestral steps (the posterior sampler, x0 clipped) over the model's
                      full training schedule from pure noise, the reference backend (plain
                      PyTorch, eager, float32): what the widely used public code does per image
+    ancestral        the quality reference of the sampler validation (bench/sampler_validation.py):
+                     the posterior sampler over every training level from the model's recommended
+                     start, with its back-projections, the fastest available backend; only for a
+                     model that starts from the noised input (else it is the public default)
     sr3fast default  sr3fast.upscale(x) with nothing else given: the model's recommended sampler,
                      steps, schedule, start and back-projections (stored in its checkpoint), the
                      fastest available backend
@@ -24,6 +28,7 @@ SUBJECT = "end-to-end"
 PUBLIC_STEPS = 2000
 PUBLIC = "public-default"
 SR3FAST = "sr3fast-default"
+ANCESTRAL = "ancestral"
 
 
 def _photo(low_side: int) -> torch.Tensor:
@@ -49,11 +54,13 @@ def _time(fn: Callable[[], torch.Tensor], device: torch.device) -> float:
 
 
 def run_end_to_end(device: torch.device, low_side: int, progress: Callable[[str], None],
-                   on_row: Callable[[Row], None] = lambda row: None) -> list[Row]:
-    """Two rows, seconds per image in `extra["seconds_per_image"]` and median_ms."""
+                   on_row: Callable[[Row], None] = lambda row: None,
+                   public_steps: int = PUBLIC_STEPS) -> list[Row]:
+    """The public default, the ancestral reference (when the model starts from the input) and
+    sr3fast's default, in that order: seconds per image in `extra["seconds_per_image"]` and median_ms."""
     import sr3fast
     from sr3fast.api import _back_projections, _settings
-    from sr3fast.diffusion import NoiseSchedule
+    from sr3fast.diffusion import NoiseSchedule, respace, truncate
 
     model = sr3fast.load("default", device=device)
     scale = model.config.high_res // model.config.low_res
@@ -64,21 +71,34 @@ def run_end_to_end(device: torch.device, low_side: int, progress: Callable[[str]
                  f"{f', start_gamma {start}' if start else ''}, "
                  f"{_back_projections(model, None)} back-projections, backend auto")
     training = NoiseSchedule.from_config(model.config.schedule)
+    # fewer public steps only in smoke runs (--quick, --public-steps): the row then says so
+    public_schedule = training if public_steps == training.num_steps else respace(training, public_steps)
     rows = []
 
     def public() -> torch.Tensor:
         with sr3fast.backend("reference"):
-            return sr3fast.upscale(x, model=model, sampler="posterior", schedule=training, start_gamma=0,
+            return sr3fast.upscale(x, model=model, sampler="posterior", schedule=public_schedule, start_gamma=0,
                                    back_projections=0, seed=0, progress=False)
 
     def ours() -> torch.Tensor:
         return sr3fast.upscale(x, model=model, seed=0, progress=False)
 
+    chain = truncate(training, start) if start else None
+
+    def ancestral() -> torch.Tensor:
+        return sr3fast.upscale(x, model=model, sampler="posterior", schedule=chain,
+                               start_gamma=chain.gammas[-1].item(), seed=0, progress=False)
+
+    runs = [(PUBLIC, public, public_steps, f"posterior, {public_steps} steps, pure noise, reference backend "
+                                           "(eager PyTorch, float32)"
+             + ("" if public_steps == PUBLIC_STEPS else f"; a smoke run: the public default is {PUBLIC_STEPS}"))]
+    if chain is not None:
+        runs.append((ANCESTRAL, ancestral, chain.num_steps,
+                     f"posterior, every training level from start_gamma {start}, "
+                     f"{_back_projections(model, None)} back-projections, backend auto"))
+    runs.append((SR3FAST, ours, steps, described))
     sr3fast.upscale(x, model=model, steps=1, seed=0, progress=False)          # warm-up
-    for name, fn, steps_run, note in (
-            (PUBLIC, public, PUBLIC_STEPS, f"posterior, {PUBLIC_STEPS} steps, pure noise, reference "
-                                           "backend (eager PyTorch, float32)"),
-            (SR3FAST, ours, steps, described)):
+    for name, fn, steps_run, note in runs:
         progress(f"end to end: {name} ({case}, {steps_run} steps)")
         row = Row(kind="end_to_end", subject=SUBJECT, case=case, implementation=name, dtype="float32",
                   batch=1, sampling_steps=steps_run, note=note, repeats=1, warmup=1)
@@ -92,10 +112,12 @@ def run_end_to_end(device: torch.device, low_side: int, progress: Callable[[str]
             row.status, row.reason = ERROR, f"{type(err).__name__}: {err}"
         rows.append(row)
         on_row(row)
-    public_row, our_row = rows
+    public_row, our_row = rows[0], rows[-1]
     if public_row.status == OK and our_row.status == OK:
         our_row.baseline = PUBLIC
         our_row.speedup = public_row.median_ms / our_row.median_ms
+    if len(rows) == 3 and rows[1].status == OK and our_row.status == OK:
+        our_row.extra["speedup_over_ancestral"] = rows[1].median_ms / our_row.median_ms
     return rows
 
 
@@ -107,6 +129,8 @@ def table(rows: list[Row]) -> str:
             lines.append(f"{row.implementation:16s} failed: {row.reason}")
             continue
         speedup = f"{row.speedup:7.1f}x" if row.speedup else f"{'':8s}"
+        if "speedup_over_ancestral" in row.extra:
+            speedup += f" ({row.extra['speedup_over_ancestral']:.1f}x over {ANCESTRAL})"
         lines.append(f"{row.implementation:16s} {row.sampling_steps:6d} "
                      f"{row.extra['seconds_per_image']:9.2f} {speedup}  {row.note}")
     return "\n".join(lines)

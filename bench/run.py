@@ -75,6 +75,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     selection = parser.add_mutually_exclusive_group()
     selection.add_argument("--ops-only", action="store_true", help="only the per-op microbenchmarks")
     selection.add_argument("--model-only", action="store_true", help="only the U-Net step benchmarks")
+    selection.add_argument("--end-to-end-only", action="store_true",
+                           help="only the end-to-end row (seconds per image, see --end-to-end)")
     parser.add_argument("--quick", action="store_true",
                         help="smoke test: the tiny model at batch 1 without compiled model rows, the "
                              "smallest shape of each op, few repeats")
@@ -82,6 +84,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help="side of the input of the end-to-end row, sr3fast's default against the "
                              f"public code's {end_to_end.PUBLIC_STEPS} ancestral steps (default 64 on "
                              "GPU, 32 on CPU, 16 with --quick; 0: leave the row out)")
+    parser.add_argument("--public-steps", type=int, default=None, metavar="N",
+                        help=f"steps of the end-to-end row's public default (default {end_to_end.PUBLIC_STEPS}, "
+                             "its real count; 100 with --quick): fewer only for smoke runs")
     parser.add_argument("--op", action="append", metavar="NAME",
                         help="only these ops (repeat or comma-separate): "
                              + ", ".join(dict.fromkeys(c.op for c in op_cases.CASES)))
@@ -111,7 +116,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         missing = [c for c in args.config if c not in names]
         if missing:
             parser.error(f"unknown --config {', '.join(missing)}; choose from {', '.join(names)}")
-    for name in ("steps", "repeats", "loop_steps"):
+    for name in ("steps", "repeats", "loop_steps", "public_steps"):
         value = getattr(args, name)
         if value is not None and value < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
@@ -212,15 +217,18 @@ def main(argv=None) -> int:
             write_json(args.json, info, {**settings, "complete": False}, measured)
 
     rows = []
-    if not args.model_only:
+    if not (args.model_only or args.end_to_end_only):
         rows += run_ops(device, args.quick, op_budget, op_compile_mode, info.get("ceilings"), args.op,
                         checkpoint)
-    if not args.ops_only:
+    if not (args.ops_only or args.end_to_end_only):
         rows += run_models(args, device, model_budget, compile_mode, checkpoint)
     low_side = args.end_to_end if args.end_to_end is not None else \
         (16 if args.quick else 64 if device.type == "cuda" else 32)
+    if args.end_to_end_only and low_side <= 0:
+        parser.error("--end-to-end-only needs an input side: --end-to-end LOW with LOW > 0")
     if not (args.ops_only or args.model_only) and low_side > 0:
-        e2e = end_to_end.run_end_to_end(device, low_side, progress, checkpoint)
+        public_steps = args.public_steps or (100 if args.quick else end_to_end.PUBLIC_STEPS)
+        e2e = end_to_end.run_end_to_end(device, low_side, progress, checkpoint, public_steps)
         print(end_to_end.table(e2e) + "\n", flush=True)
         rows += e2e
 

@@ -73,7 +73,7 @@ def _compiled(name: str, batch: int, impls: str, smoke_impls: str) -> Stage:
 
 
 OP_TESTS = ("tests/test_groupnorm_silu.py", "tests/test_attention.py", "tests/test_reverse_step.py",
-            "tests/test_autotuning.py")
+            "tests/test_reverse_step_multistep.py", "tests/test_autotuning.py")
 EVERY_CONFIG = "every_config"   # name part of the tests that force each autotuning config once
 EARLIER_TEST_FILES = (*OP_TESTS, "tests/test_extension.py", "tests/test_backends.py", "tests/test_loops.py")
 
@@ -129,6 +129,18 @@ STAGES = (
           ("{python}", "-m", "bench.gpu.backtrace", *CRASHED_BEFORE),
           ("{python}", "-m", "bench.gpu.backtrace", "tests/test_io.py::test_atomic_path_replaces_only_on_success"),
           env=PINNED),
+    # On time left over: what users feel. The end-to-end row (bench/end_to_end.py) and one 4096x4096
+    # output of the default model (bench/large_image.py: tiling chosen from the GPU's memory).
+    Stage("bench-end-to-end", 0, "bench",
+          "on time left over: seconds per 64->256 image, the public default (2000 ancestral steps, eager "
+          "fp32) vs the ancestral reference vs sr3fast's default",
+          _bench("--end-to-end-only", "--end-to-end", "64"),
+          _bench("--end-to-end-only", "--end-to-end", "4", "--public-steps", "20", "--device", "cpu")),
+    Stage("bench-large-image", 0, "bench",
+          "on time left over: 1024x1024 -> 4096x4096 with the default model, tile chosen from memory",
+          ("{python}", "bench/large_image.py", "--low", "1024", "--json", "{out}/large-image.json"),
+          ("{python}", "bench/large_image.py", "--device", "cpu", "--low", "8", "--steps", "2",
+           "--json", "{out}/large-image.json")),
     # On time left over: compiled rows, one stage each so a slow compile loses one row, not the
     # others. Inductor's default mode: max-autotune's GEMM and convolution searches would take the
     # whole session. fused-compiled-graph compiles the graph of fused-compiled again (cached).
