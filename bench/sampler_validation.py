@@ -111,8 +111,11 @@ def main(argv=None) -> int:
     if argv is None:
         argv = sys.argv[1:]
     if argv[:1] == ["--markdown"]:           # print a results file as a table
-        for path in argv[1:]:
-            print(markdown(json.loads(Path(path).read_text())))
+        shower = argparse.ArgumentParser(prog="sampler_validation.py --markdown")
+        shower.add_argument("results")
+        shower.add_argument("--schedules", default="lambda,tuned,training")
+        shown = shower.parse_args(argv[1:])
+        print(markdown(json.loads(Path(shown.results).read_text()), tuple(shown.schedules.split(","))))
         return 0
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                      epilog="python bench/sampler_validation.py --markdown RESULTS.json "

@@ -2,6 +2,7 @@
 
     .venv/bin/python scripts/ship_default.py runs/default-4x/model.safetensors --sampler posterior \
         --steps 50 --start-gamma 0.5 --back-projections 2
+    .venv/bin/python scripts/ship_default.py runs/default-4x/model.safetensors --settings-from tuned.safetensors
 
 Reads the EMA weights `sr3fast train` wrote, stores them in float16 (half the bytes; the model
 runs in float32, and the float16 rounding is checked against the original on one sample with
@@ -31,16 +32,24 @@ SIZE_LIMIT = 25 * 1000 ** 2
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("checkpoint", help="model.safetensors of a training run (EMA weights)")
-    parser.add_argument("--sampler", required=True)
-    parser.add_argument("--steps", type=int, required=True)
+    parser.add_argument("--settings-from", metavar="MODEL",
+                        help="take the recommended settings from this model's metadata (e.g. the output "
+                             "of `sr3fast tune-schedule`, tuned schedule included) instead of the flags")
+    parser.add_argument("--sampler")
+    parser.add_argument("--steps", type=int)
     parser.add_argument("--start-gamma", type=float, default=None)
     parser.add_argument("--back-projections", type=int, default=0)
     args = parser.parse_args(argv)
+    if (args.settings_from is None) == (args.sampler is None or args.steps is None):
+        parser.error("give either --settings-from MODEL, or --sampler and --steps")
 
-    model = sr3fast.load(args.checkpoint)
-    model.inference_settings = InferenceSettings(sampler=args.sampler, steps=args.steps,
-                                                 start_gamma=args.start_gamma,
-                                                 back_projections=args.back_projections)
+    model = sr3fast.load(args.checkpoint, dtype=torch.float32)   # a float16 file too: compared in float32
+    if args.settings_from:
+        model.inference_settings = sr3fast.load(args.settings_from).inference_settings
+    else:
+        model.inference_settings = InferenceSettings(sampler=args.sampler, steps=args.steps,
+                                                     start_gamma=args.start_gamma,
+                                                     back_projections=args.back_projections)
     DEFAULT_WEIGHTS.parent.mkdir(exist_ok=True)
     sr3fast.save(model, DEFAULT_WEIGHTS, dtype=torch.float16)
 

@@ -324,14 +324,21 @@ def cmd_eval(args) -> int:
 def cmd_tune_schedule(args) -> int:
     from . import api
     from .evaluation import check_output_path
-    from .schedule_search import parse_steps, tune_schedule, write_report_json
+    import json
+
+    from .schedule_search import TuneReport, parse_steps, tune_schedule, write_report_json
 
     steps = parse_steps(args.steps)
     grid = _grid(args.grid)
     if args.rounds < 0:
         raise UsageError(f"--rounds must be 0 or more, got {args.rounds}")
-    if not Path(args.data).exists():
+    if (args.data is None) == (args.from_json is None):
+        raise UsageError("give --data (held-out images to search on) or --from-json (an earlier search's "
+                         "results), one of them")
+    if args.data is not None and not Path(args.data).exists():
         raise UsageError(f"--data {args.data!r} does not exist")
+    if args.from_json is not None and not Path(args.from_json).is_file():
+        raise UsageError(f"--from-json {args.from_json!r} is not a file")
     if args.output is None and not args.in_place:
         raise UsageError("say where the tuned model goes: -o OUT.safetensors, or --in-place")
     target = Path(args.model if args.in_place else args.output)
@@ -342,21 +349,32 @@ def cmd_tune_schedule(args) -> int:
     if args.json:
         check_output_path(args.json)
     model = _load_model(args.model, device=_device(args.device))
-    report = tune_schedule(model, [args.data], steps, sampler=args.sampler, crop=args.crop,
-                           crops_per_image=args.crops_per_image, seed=args.seed, guard=args.guard,
-                           points=grid, rounds=args.rounds, slack=args.slack, baseline=args.baseline,
-                           progress=not args.quiet)
+    if args.from_json is not None:
+        try:
+            report = TuneReport.from_dict(json.loads(Path(args.from_json).read_text()), args.guard, args.slack)
+        except (ValueError, KeyError, TypeError) as err:
+            raise UsageError(f"--from-json {args.from_json!r} is not the --json of `sr3fast tune-schedule` "
+                             f"({type(err).__name__}: {err})") from None
+    else:
+        report = tune_schedule(model, [args.data], steps, sampler=args.sampler, crop=args.crop,
+                               crops_per_image=args.crops_per_image, seed=args.seed,
+                               guard=0.9 if args.guard is None else args.guard, points=grid, rounds=args.rounds, slack=args.slack, baseline=args.baseline,
+                               progress=not args.quiet)
     print(report.table())
     if args.json:
         print(f"wrote {write_report_json(report, args.json)}")
-    settings = report.settings(api._back_projections(model, None))
+    try:
+        settings = report.settings(api._back_projections(model, None), args.choose)
+    except ValueError as err:
+        raise UsageError(f"--choose: {err}") from None
     if settings is None:
-        print(f"sr3fast tune-schedule: no candidate kept {args.guard} of the baseline's sharpness; "
-              "nothing was written (try a lower --guard or other --steps)", file=sys.stderr)
+        print(f"sr3fast tune-schedule: no candidate kept {report.guard} of the baseline's sharpness"
+              f"{f' at {args.choose} steps' if args.choose else ''}; nothing was written (try a lower "
+              "--guard or other --steps)", file=sys.stderr)
         return EXIT_FAILED
     model.inference_settings = settings
     written = api.save(model, target, dtype=_stored_dtype(args.model))
-    print(f"wrote {written} (recommended: {settings.sampler}, {settings.steps} steps, lambda_end "
+    print(f"wrote {written} (settings: {settings.sampler}, {settings.steps} steps, lambda_end "
           f"{settings.schedule['lambda_end']:.3f}, rho {settings.schedule['rho']:.2f})")
     return EXIT_OK
 
@@ -599,7 +617,13 @@ def build_parser() -> argparse.ArgumentParser:
         "by default.")
     tune.add_argument("--model", default="default",
                       help="sr3fast checkpoint, preset or 'default' (default: the built-in model)")
-    tune.add_argument("--data", required=True, help="folder of held-out ground-truth images")
+    tune.add_argument("--data", help="folder of held-out ground-truth images")
+    tune.add_argument("--from-json", metavar="F",
+                      help="instead of searching, read an earlier search's --json and choose again "
+                           "(with this --guard and --slack) among the candidates it scored")
+    tune.add_argument("--choose", type=int, metavar="N",
+                      help="write the schedule found for N steps (one of those searched) instead of the "
+                           "recommended step count")
     tune.add_argument("--steps", default="10,20,50", help="step counts to tune, e.g. 10,20,50")
     tune.add_argument("--sampler", default=None, help="sampler (default: the model's recommended)")
     tune.add_argument("-o", "--output", default=None, help="write the tuned model here (.safetensors)")
@@ -609,8 +633,9 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("--crops-per-image", type=int, default=2, help="crops per image (default 2)")
     tune.add_argument("--grid", default="4x3", help="grid points of lambda_end x rho (default 4x3)")
     tune.add_argument("--rounds", type=int, default=1, help="refinement rounds (default 1)")
-    tune.add_argument("--guard", type=float, default=0.9,
-                      help="keep at least this fraction of the baseline's sharpness (default 0.9)")
+    tune.add_argument("--guard", type=float, default=None,
+                      help="keep at least this fraction of the baseline's sharpness (default 0.9; with "
+                           "--from-json, the earlier search's)")
     tune.add_argument("--baseline", choices=("recommended", "ancestral"), default="recommended",
                       help="whose sharpness the guard keeps: the model's recommended settings "
                            "(default), or the ancestral sampler over every training level from the "

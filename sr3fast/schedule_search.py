@@ -218,14 +218,41 @@ class TuneReport:
                 "results": [{"steps": r.steps, "best": _trial_dict(r.best),
                              "trials": [_trial_dict(t) for t in r.trials]} for r in self.results]}
 
-    def settings(self, back_projections: int) -> InferenceSettings | None:
-        """The recommended settings this search supports, or None when nothing passed the guard."""
-        if self.chosen_steps is None:
+    def settings(self, back_projections: int, steps: int | None = None) -> InferenceSettings | None:
+        """The recommended settings this search supports (at `steps`, one of the step counts
+        searched, instead of the recommended count when given), or None when nothing passed the
+        guard there."""
+        steps = self.chosen_steps if steps is None else steps
+        if steps is None:
             return None
-        best = next(r.best for r in self.results if r.steps == self.chosen_steps)
-        schedule = schedule_dict(self.chosen_steps, self.lambda_start, **best.params)
-        return InferenceSettings(sampler=self.sampler, steps=self.chosen_steps, schedule=schedule,
+        found = [r.best for r in self.results if r.steps == steps]
+        if not found:
+            searched = ", ".join(str(r.steps) for r in self.results)
+            raise ValueError(f"{steps} steps were not searched (searched: {searched})")
+        if found[0].score == -math.inf:
+            return None
+        schedule = schedule_dict(steps, self.lambda_start, **found[0].params)
+        return InferenceSettings(sampler=self.sampler, steps=steps, schedule=schedule,
                                  start_gamma=self.start_gamma, back_projections=back_projections)
+
+    @classmethod
+    def from_dict(cls, data: dict, guard: float | None = None, slack: float = 0.1) -> "TuneReport":
+        """A report read back from write_report_json's file, its candidates judged again under
+        `guard` (default: the file's) and the step count chosen again under `slack`: another
+        guard or slack without running the search again (over the candidates it scored; a new
+        search could refine around other points)."""
+        guard = data["guard"] if guard is None else guard
+        floor = guard * data["baseline"]["sharpness_ratio"]
+        results = []
+        for r in data["results"]:
+            trials = []
+            for t in r["trials"]:
+                m = t["metrics"]
+                feasible = m["sharpness_ratio"] >= floor and math.isfinite(m["psnr"])
+                trials.append(Trial(t["params"], m["psnr"] if feasible else -math.inf, m))
+            results.append(StepResult(r["steps"], max(trials, key=lambda t: t.score), trials))
+        return cls(data["sampler"], data["lambda_start"], data["start_gamma"], guard, data["baseline"],
+                   results, choose_steps(results, slack))
 
 
 def _trial_dict(trial: Trial) -> dict:

@@ -15,8 +15,8 @@ import sr3fast
 from sr3fast.diffusion import NoiseSchedule, log_snr
 from sr3fast.diffusion.schedules import lambda_levels
 from sr3fast.inference_settings import InferenceSettings, schedule_for_steps
-from sr3fast.schedule_search import (Box, StepResult, Trial, choose_steps, grid_search, parse_steps,
-                                     schedule_dict, tune_schedule)
+from sr3fast.schedule_search import (Box, StepResult, Trial, TuneReport, choose_steps, grid_search,
+                                     parse_steps, schedule_dict, tune_schedule)
 
 
 # ------------------------------------------------------------------------- the search
@@ -214,3 +214,60 @@ def test_tune_schedule_cli_errors(tiny, photos, tmp_path, capsys, args, message)
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert not (tmp_path / "out.safetensors").exists()
+
+
+# ------------------------------------------------------- choosing again from a saved search
+
+def _saved_search() -> dict:
+    """A search's --json with known candidates: baseline sharpness 1, guard 0.9.
+    5 steps: A (30 dB, sharpness 0.85: fails the guard), B (29 dB, 0.95);
+    10 steps: C (29.5 dB, 0.95), D (31 dB, 0.5: fails)."""
+    def trial(end, rho, psnr, sharp):
+        return Trial({"lambda_end": end, "rho": rho}, -math.inf,
+                     {"psnr": psnr, "ssim": 0.7, "consistency": 1e-5, "sharpness_ratio": sharp})
+
+    a, b, c, d = trial(5.0, 1.0, 30, 0.85), trial(6.0, 1.5, 29, 0.95), trial(4.0, 2.0, 29.5, 0.95), \
+        trial(3.0, 0.5, 31, 0.5)
+    report = TuneReport("dpmpp_2m_sde", 0.0, 0.5, 0.9, {"description": "x", "psnr": 29, "ssim": 0.7,
+                                                       "consistency": 1e-5, "sharpness_ratio": 1.0},
+                        [StepResult(5, a, [a, b]), StepResult(10, c, [c, d])], None)
+    return json.loads(json.dumps(report.to_dict()))
+
+
+def test_a_saved_search_is_judged_again_under_another_guard_and_slack():
+    data = _saved_search()
+    same = TuneReport.from_dict(data)                       # the file's guard 0.9, slack 0.1
+    assert [r.best.metrics["psnr"] for r in same.results] == [29, 29.5]   # A and D fail the guard
+    assert same.chosen_steps == 10
+    assert TuneReport.from_dict(data, slack=0.6).chosen_steps == 5         # 29 within 0.6 of 29.5
+    looser = TuneReport.from_dict(data, guard=0.8)                          # A passes now, D not
+    assert [r.best.metrics["psnr"] for r in looser.results] == [30, 29.5] and looser.chosen_steps == 5
+    assert TuneReport.from_dict(data, guard=0.99).chosen_steps is None     # nothing passes
+
+    settings = same.settings(back_projections=2, steps=5)                   # B's schedule, 5 steps
+    assert settings.steps == 5 and settings.back_projections == 2 and settings.start_gamma == 0.5
+    assert settings.schedule == schedule_dict(5, 0.0, 6.0, 1.5)
+    assert same.settings(back_projections=0).schedule == schedule_dict(10, 0.0, 4.0, 2.0)
+    with pytest.raises(ValueError, match="7 steps were not searched"):
+        same.settings(back_projections=0, steps=7)
+
+
+def test_tune_schedule_cli_from_json_and_choose(tiny, tmp_path, capsys):
+    from sr3fast.cli import EXIT_USAGE, main
+
+    model_path, saved = tmp_path / "tiny.safetensors", tmp_path / "search.json"
+    sr3fast.save(tiny, model_path)
+    saved.write_text(json.dumps(_saved_search()))
+    out = tmp_path / "tuned.safetensors"
+    base = ["tune-schedule", "--model", str(model_path), "--from-json", str(saved), "-o", str(out)]
+    assert main(base + ["--choose", "5"]) == 0, capsys.readouterr().err
+    assert sr3fast.load(str(out)).inference_settings.schedule == schedule_dict(5, 0.0, 6.0, 1.5)
+    assert main(base + ["--guard", "0.8"]) == 0                             # A's, 5 steps
+    assert sr3fast.load(str(out)).inference_settings.schedule == schedule_dict(5, 0.0, 5.0, 1.0)
+    out.unlink()
+    for extra, message in ((["--choose", "7"], "7 steps were not searched"),
+                           (["--data", str(tmp_path)], "one of them")):
+        assert main(base + extra) == EXIT_USAGE
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err
+        assert not out.exists()
