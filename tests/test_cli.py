@@ -26,13 +26,16 @@ def _run_python(code: str) -> str:
                           env=env, cwd=ROOT).stdout
 
 
+def _random_photo(path: Path, height: int, width: int, seed: int) -> Path:
+    pixels = (np.random.default_rng(seed).random((height, width, 3)) * 255).astype(np.uint8)
+    Image.fromarray(pixels).save(path)
+    return path
+
+
 @pytest.fixture
 def photo(tmp_path):
     """A 4x4 RGB image: the tiny preset makes 16x16 of it."""
-    pixels = (np.random.default_rng(0).random((4, 4, 3)) * 255).astype(np.uint8)
-    path = tmp_path / "in.png"
-    Image.fromarray(pixels).save(path)
-    return path
+    return _random_photo(tmp_path / "in.png", 4, 4, seed=0)
 
 
 def _upscale(photo, out, *extra):
@@ -334,11 +337,8 @@ def test_a_single_image_gets_the_seed_itself(photo, tmp_path):
 
 @pytest.fixture
 def wide_photo(tmp_path):
-    """An 8x12 RGB image: 32x48 out of the tiny preset, several tiles of 16 pixels."""
-    pixels = (np.random.default_rng(1).random((8, 12, 3)) * 255).astype(np.uint8)
-    path = tmp_path / "wide.png"
-    Image.fromarray(pixels).save(path)
-    return path
+    """An 8x12 RGB image: 32x48 out of the tiny preset, several tiles of 4 pixels."""
+    return _random_photo(tmp_path / "wide.png", 8, 12, seed=1)
 
 
 def test_tile_options_reach_upscale(wide_photo, tmp_path):
