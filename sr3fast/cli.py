@@ -647,6 +647,9 @@ def build_parser() -> argparse.ArgumentParser:
     tune.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     tune.set_defaults(run=cmd_tune_schedule)
 
+    from .study.cli import add_parser as add_study_parser
+    add_study_parser(commands)
+
     convert = commands.add_parser("convert", help="public SR3 checkpoint + config -> sr3fast checkpoint")
     convert.add_argument("checkpoint", help="*_gen.pth of the public SR3 code")
     convert.add_argument("--config", required=True, help="its JSON config")

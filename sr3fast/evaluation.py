@@ -308,6 +308,15 @@ def _device_of(model) -> str:
     return str(parameter.device) if parameter is not None else "cpu"
 
 
+def super_resolve(model, low: torch.Tensor, seed: int | None, **options) -> torch.Tensor:
+    """`low` (B, 3, h, w) in [0, 1] super-resolved by `model` with sr3fast.upscale (seed and
+    `options` passed on, no progress bar), on the CPU in float32, rounded to 8 bits as a saved
+    image would be: what `evaluate_images` and `sr3fast study make` compare with the truth."""
+    from .api import upscale
+
+    return quantize(upscale(low, model=model, seed=seed, progress=False, **options).float().cpu())
+
+
 @torch.no_grad()
 def evaluate_images(model, paths: Sequence[str | os.PathLike], steps: int | None = None,
                     sampler: str | None = None, seed: int = 0, progress: bool = True,
@@ -363,7 +372,7 @@ def evaluate_images(model, paths: Sequence[str | os.PathLike], steps: int | None
                 pass
 
         started = time.perf_counter()
-        output = quantize(upscale(low, model=model, seed=seed, progress=False, **options).float().cpu())
+        output = super_resolve(model, low, seed, **options)
         sr3_seconds = time.perf_counter() - started
         if output.shape != ground_truth.shape:
             raise RuntimeError(f"the model turned a {low.shape[-1]}x{low.shape[-2]} input into a "
