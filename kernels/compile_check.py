@@ -46,7 +46,8 @@ Variants
                   views of an NCHW or NHWC qkv convolution, as the U-Net passes them; fp32 / bf16 /
                   fp16; forward and backward.
   reverse_step    fp32 / bf16 / fp16, in-kernel or given noise, with and without the clip,
-                  single-step and multistep (HAS_HISTORY: + m2·x0_prev, x0 written).
+                  single-step and multistep (HAS_HISTORY: + m2·x0_prev, x0 written; HAS_HISTORY2:
+                  + m3·x0_prev2 as well).
 
 "kept" says whether the autotuner may run that config there (its prune rule keeps it). The exit
 status is 1 when a compile fails or a kept config spills, else 0. Compiles run in --jobs
@@ -220,21 +221,23 @@ def attention_launches(shapes, dtypes, into: list, layouts=(False, True)) -> Non
 
 
 def reverse_step_launches(dtypes, into: list) -> None:
-    """Single-step (coefs (B, 5)) and multistep (HAS_HISTORY: coefs (B, 6), x0_prev in y_t's
-    dtype, as a sampling loop carries it) launches."""
+    """Single-step (coefs (B, 5)), multistep (HAS_HISTORY: coefs (B, 6), x0_prev in y_t's dtype,
+    as a sampling loop carries it) and three-step (HAS_HISTORY2: coefs (B, 7), x0_prev2 too)
+    launches."""
     import torch
     rs = _kernel_modules()["reverse_step"]
     for dtype, noise, clip, history in itertools.product(dtypes, (False, True), (None, 1.0),
-                                                         (False, True)):
+                                                         (0, 1, 2)):
         y = _meta((4, 3, 256, 256), _torch_dtype(dtype))
-        coefs = _meta((4, 6 if history else 5), torch.float32)
+        coefs = _meta((4, 5 + history), torch.float32)
         label = (f"{'given noise' if noise else 'philox noise'} {'clip' if clip else 'no clip'}"
-                 f"{' history' if history else ''}")
+                 f"{('', ' history', ' history2')[history]}")
         with _recording(into, "reverse_step", dtype, label):
             rs.launch_reverse_step(y, torch.empty_like(y), coefs,
                                    torch.empty_like(y) if noise else None,
                                    None if noise else _meta((1,), torch.int64), clip,
-                                   x0_prev=torch.empty_like(y) if history else None)
+                                   x0_prev=torch.empty_like(y) if history else None,
+                                   x0_prev2=torch.empty_like(y) if history == 2 else None)
 
 
 def quick_groupnorm_problems() -> list[tuple[int, int, int, int]]:

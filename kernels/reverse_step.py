@@ -1,14 +1,16 @@
 """The fused reverse-diffusion update, one pass over memory.
 
-Per element of sample b, with (a, b', m0, m1, sigma[, m2]) = coefs[b]:
+Per element of sample b, with (a, b', m0, m1, sigma[, m2[, m3]]) = coefs[b]:
 
     x0     = a·y_t − b'·eps
     x0     = clamp(x0, −clip, clip)                          (HAS_CLIP)
     y_prev = (m0·x0 + m1·y_t) + sigma·z                      (single-step samplers)
     y_prev = ((m0·x0 + m1·y_t) + m2·x0_prev) + sigma·z       (HAS_HISTORY: multistep samplers)
+    y_prev = (((m0·x0 + m1·y_t) + m2·x0_prev) + m3·x0_prev2) + sigma·z
+                                                             (and HAS_HISTORY2: 3M solvers)
 
 and with HAS_HISTORY the clamped x0 is written out as well, in y_t's dtype: the next step's
-x0_prev. One kernel serves both (HAS_HISTORY is a constexpr: on sm_90 the single-step variant's
+x0_prev (the loop passes its x0_prev on as the next x0_prev2: no copy). One kernel serves both (HAS_HISTORY is a constexpr: on sm_90 the single-step variant's
 SASS is instruction for instruction what it was before the flag existed, but for the parameter
 offsets of the two added pointers). Maths in fp32 whatever the storage dtype (fp32 / fp16 /
 bf16; y_t, eps, noise and x0_prev may differ).
@@ -63,7 +65,8 @@ together, two thirds into the noise computation, and holds them across the rest 
 up to ~100 KB of loads in flight per SM, against the ~20 KB per SM that Little's law asks of
 3.35 TB/s at ~0.8 µs of latency, so it should stay memory-bound; this is an estimate from the
 static code, not a measurement (the history variant's throughput has not been measured).
-Measure before trusting.
+Measure before trusting. HAS_HISTORY2 adds one more read (x0_prev2) and a multiply-add: 6
+elements of traffic per element with in-kernel noise, against the same few instructions.
 """
 from __future__ import annotations
 
@@ -123,10 +126,12 @@ def reverse_step_kernel(
     y_ptr,          # y_t: (B, N) flat in memory order, fp32/fp16/bf16
     eps_ptr,        # eps: (B, N), same layout as y_t, any float dtype
     x0_prev_ptr,    # previous x0: (B, N), same layout as y_t, any float dtype; HAS_HISTORY only
+    x0_prev2_ptr,   # x0 of two steps back: (B, N), like x0_prev; HAS_HISTORY2 only
     noise_ptr,      # z: (B, N), same layout as y_t; never read when GENERATE_NOISE
     seed_ptr,       # (1,) int64 Philox key on the device; read only when GENERATE_NOISE
-    coefs_ptr,      # (B, 5 or 6) float32 (a, b, m0, m1, sigma[, m2]); strides (coef_stride_b,
-                    # coef_stride_k); column 5 (m2) is read only when HAS_HISTORY
+    coefs_ptr,      # (B, 5, 6 or 7) float32 (a, b, m0, m1, sigma[, m2[, m3]]); strides
+                    # (coef_stride_b, coef_stride_k); column 5 (m2) is read only when
+                    # HAS_HISTORY, column 6 (m3) only when HAS_HISTORY2
     out_ptr,        # y_prev: (B, N), same layout as y_t, y_t's dtype
     x0_ptr,         # x0 (clamped) out: (B, N), same layout as y_t, y_t's dtype; HAS_HISTORY only
     N,              # elements per sample
@@ -137,6 +142,7 @@ def reverse_step_kernel(
     HAS_CLIP: tl.constexpr,
     GENERATE_NOISE: tl.constexpr,
     HAS_HISTORY: tl.constexpr,  # the multistep update: + m2·x0_prev, and x0 written out
+    HAS_HISTORY2: tl.constexpr,  # with HAS_HISTORY: + m3·x0_prev2 as well
     BLOCK: tl.constexpr,  # elements per program, a multiple of 4 · 32 · num_warps
 ):
     pid = tl.program_id(0)
@@ -179,8 +185,12 @@ def reverse_step_kernel(
         m2 = tl.load(row + 5 * coef_stride_k)
         x0_prev = tl.load(x0_prev_ptr + base + offsets, mask=mask).to(tl.float32)
         y_prev = y_prev + m2 * x0_prev
+        if HAS_HISTORY2:
+            m3 = tl.load(row + 6 * coef_stride_k)
+            x0_prev2 = tl.load(x0_prev2_ptr + base + offsets, mask=mask).to(tl.float32)
+            y_prev = y_prev + m3 * x0_prev2
         tl.store(x0_ptr + base + offsets, x0.to(x0_ptr.dtype.element_ty), mask=mask)
-    # ((m0·x0 + m1·y) [+ m2·x0_prev]) + sigma·z, in the contract's order (the compiler may fuse
+    # (((m0·x0 + m1·y) [+ m2·x0_prev]) [+ m3·x0_prev2]) + sigma·z, in the contract's order (the compiler may fuse
     # a multiply into the add that follows it; the tests' tolerances allow either).
     y_prev = y_prev + sigma * z
     tl.store(out_ptr + base + offsets, y_prev.to(out_ptr.dtype.element_ty), mask=mask)
@@ -211,15 +221,18 @@ def _in_layout_of(t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 
 def launch_reverse_step(y_t: torch.Tensor, eps: torch.Tensor, coefs: torch.Tensor,
                         noise: torch.Tensor | None, seed: torch.Tensor | None,
-                        clip: float | None, x0_prev: torch.Tensor | None = None
+                        clip: float | None, x0_prev: torch.Tensor | None = None,
+                        x0_prev2: torch.Tensor | None = None
                         ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-    """One launch of the update for y_t, eps, noise (and x0_prev) of one shape (B, ...) and
-    coefs (B, 5) or (B, 6) float32, all on one device.
+    """One launch of the update for y_t, eps, noise (and x0_prev, x0_prev2) of one shape
+    (B, ...) and coefs (B, 5), (B, 6) or (B, 7) float32, all on one device.
 
-    Without x0_prev: returns y_prev; coefs columns 0..4 are read, a sixth (m2) is ignored.
-    With x0_prev (the previous step's clamped x0, any float dtype; coefs must be (B, 6)):
+    Without x0_prev: returns y_prev; coefs columns 0..4 are read, m2 and m3 are ignored.
+    With x0_prev (the previous step's clamped x0, any float dtype; coefs (B, 6) or (B, 7)):
     returns (y_prev, x0), y_prev = ((m0·x0 + m1·y_t) + m2·x0_prev) + sigma·z and x0 this step's
-    clamped estimate, in y_t's dtype and in y_prev's layout (the next step's x0_prev).
+    clamped estimate, in y_t's dtype and in y_prev's layout (the next step's x0_prev). With
+    x0_prev2 as well (the x0 of two steps back; coefs (B, 7)) y_prev gains + m3·x0_prev2 before
+    the noise term.
 
     Exactly one of noise (z) and seed ((1,) int64 on the device: Philox key for in-kernel z) is
     given; the same seed draws the same z with and without x0_prev. Fast path: y_t dense with the
@@ -237,14 +250,19 @@ def launch_reverse_step(y_t: torch.Tensor, eps: torch.Tensor, coefs: torch.Tenso
         raise ValueError(f"launch_reverse_step: seed must be one int64 element, got {seed.dtype} "
                          f"{tuple(seed.shape)}")
     history = x0_prev is not None
-    widths = (6,) if history else (5, 6)
+    history2 = x0_prev2 is not None
+    if history2 and not history:
+        raise ValueError("launch_reverse_step: x0_prev2 needs x0_prev")
+    widths = (7,) if history2 else (6, 7) if history else (5, 6, 7)
     if coefs.dim() != 2 or coefs.shape[1] not in widths:
-        wanted = ("(B, 6) float32 (a, b, m0, m1, sigma, m2) when x0_prev is given" if history
-                  else "(B, 5) or (B, 6) float32 (a, b, m0, m1, sigma[, m2])")
+        wanted = ("(B, 7) float32 (a, b, m0, m1, sigma, m2, m3) when x0_prev2 is given" if history2
+                  else "(B, 6) or (B, 7) float32 (a, b, m0, m1, sigma, m2[, m3]) when x0_prev is given"
+                  if history else "(B, 5), (B, 6) or (B, 7) float32 (a, b, m0, m1, sigma[, m2[, m3]])")
         raise ValueError(f"launch_reverse_step: coefs must be {wanted}; got {tuple(coefs.shape)}")
-    if history and x0_prev.shape != y_t.shape:
-        raise ValueError(f"launch_reverse_step: x0_prev {tuple(x0_prev.shape)} must match y_t "
-                         f"{tuple(y_t.shape)}")
+    for name, past in (("x0_prev", x0_prev), ("x0_prev2", x0_prev2)):
+        if past is not None and past.shape != y_t.shape:
+            raise ValueError(f"launch_reverse_step: {name} {tuple(past.shape)} must match y_t "
+                             f"{tuple(y_t.shape)}")
     out_dtype = y_t.dtype
     if not _is_dense_batch_major(y_t):
         channels_last = y_t.dim() == 4 and y_t.stride(1) == 1 and y_t.shape[1] > 1
@@ -255,6 +273,8 @@ def launch_reverse_step(y_t: torch.Tensor, eps: torch.Tensor, coefs: torch.Tenso
         noise = _in_layout_of(noise, y_t)
     if history:
         x0_prev = _in_layout_of(x0_prev, y_t)
+    if history2:
+        x0_prev2 = _in_layout_of(x0_prev2, y_t)
     out = torch.empty_like(y_t, dtype=out_dtype)
     x0 = torch.empty_like(y_t, dtype=out_dtype) if history else None
     if y_t.numel() == 0:
@@ -266,6 +286,7 @@ def launch_reverse_step(y_t: torch.Tensor, eps: torch.Tensor, coefs: torch.Tenso
     wrap_triton(reverse_step_kernel)[(batch * blocks_per_sample,)](
         y_t, eps,
         x0_prev if history else y_t,          # placeholder pointer, never read
+        x0_prev2 if history2 else y_t,        # placeholder pointer, never read
         y_t if noise is None else noise,      # placeholder pointer, never read
         coefs if seed is None else seed,      # placeholder pointer, never read
         coefs, out,
@@ -273,6 +294,7 @@ def launch_reverse_step(y_t: torch.Tensor, eps: torch.Tensor, coefs: torch.Tenso
         per_sample, blocks_per_sample, coefs.stride(0), coefs.stride(1),
         0.0 if clip is None else float(clip),
         HAS_CLIP=clip is not None, GENERATE_NOISE=noise is None, HAS_HISTORY=history,
+        HAS_HISTORY2=history2,
         BLOCK=BLOCK, num_warps=NUM_WARPS,
     )
     return (out, x0) if history else out

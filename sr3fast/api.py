@@ -188,14 +188,15 @@ def upscale(x, model=None, *, steps: int | None = None, sampler: str | None = No
     retraining; for the DPM-Solver++ samplers, spaced evenly in log-SNR between the same ends
     instead, sr3fast.diffusion.respace_log_snr), or over `schedule` (a NoiseSchedule or a schedule dict) when given. sampler:
     'posterior' (x0-clipped, posterior variance: how public checkpoints were sampled), 'sr3'
-    (Algorithm 2), 'ddim', 'dpmpp_2m' (DPM-Solver++(2M), multistep, for few steps) or
-    'dpmpp_2m_sde' (its SDE form). Whatever is not given comes from the model's recommended settings
+    (Algorithm 2), 'ddim', 'dpmpp_2m' (DPM-Solver++(2M), multistep, for few steps),
+    'dpmpp_2m_sde' (its SDE form), 'dpmpp_3m' or 'dpmpp_3m_sde' (the third-order 3M and its SDE form). Whatever is not given comes from the model's recommended settings
     (`model.inference_settings`, stored in its checkpoint; the default model has them), else
     100 steps and the sampler by architecture. seed: same seed, same
     image (noise='torch' draws the noise with torch on the model's device, so every backend gives
     the same image; 'kernel' lets fused backends draw it in-kernel); a preset name as `model` also
     takes its random weights from it. eta: the noise scale of 'ddim' (default 0: deterministic;
-    1: the posterior variance) and 'dpmpp_2m_sde' (default 1: the SDE); no other sampler takes it.
+    1: the posterior variance), 'dpmpp_2m_sde' and 'dpmpp_3m_sde' (default 1: the SDE); no other
+    sampler takes it.
 
     start_gamma: start the reverse chain at noise level g = start_gamma from the condition
     noised to it, y_T = sqrt(g_T) x + sqrt(1 - g_T) z, over the training schedule truncated there
@@ -340,7 +341,7 @@ def _settings(model, sampler, steps, schedule, eta=None, start_gamma=None):
                          f"got {eta!r}")
     if eta is not None and sampler not in ETA_DEFAULT:
         raise ValueError(f"eta is the noise scale of {' and '.join(ETA_DEFAULT)}, but the sampler is "
-                         f"{sampler!r}, which has none; pass sampler='dpmpp_2m_sde' or 'ddim' "
+                         f"{sampler!r}, which has none; pass sampler='dpmpp_2m_sde', 'dpmpp_3m_sde' or 'ddim' "
                          "(--sampler) to use eta, or drop eta")
     return sampler, steps, schedule, start_gamma
 

@@ -517,14 +517,15 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--config", help="JSON config of a public SR3 checkpoint")
     up.add_argument("--steps", type=int, default=None,
                     help="sampling steps (default: the model's recommended, else 100)")
-    up.add_argument("--sampler", choices=("posterior", "sr3", "ddim", "dpmpp_2m", "dpmpp_2m_sde"),
+    up.add_argument("--sampler", choices=("posterior", "sr3", "ddim", "dpmpp_2m", "dpmpp_2m_sde",
+                                          "dpmpp_3m", "dpmpp_3m_sde"),
                     default=None,
                     help="default: the model's recommended, else posterior for public checkpoints, "
                          "sr3 for paper models. dpmpp_2m / dpmpp_2m_sde: DPM-Solver++(2M) and its SDE "
-                         "form, for few steps (10-25)")
+                         "form, for few steps (10-25); dpmpp_3m / dpmpp_3m_sde: the third-order 3M")
     up.add_argument("--eta", type=float, default=None,
-                    help="noise scale of --sampler ddim (default 0: deterministic) or dpmpp_2m_sde "
-                         "(default 1: the SDE); 1 is the posterior variance")
+                    help="noise scale of --sampler ddim (default 0: deterministic), dpmpp_2m_sde or "
+                         "dpmpp_3m_sde (default 1: the SDE); 1 is the posterior variance")
     up.add_argument("--start-gamma", type=float, default=None, metavar="G",
                     help="start from the input noised to level G in [0, 1) instead of pure noise "
                          "(default: the model's recommended; 0: pure noise)")

@@ -55,19 +55,22 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
 def reverse_step(y_t: torch.Tensor, eps: torch.Tensor, coefs: torch.Tensor,
                  noise: torch.Tensor | None = None, clip: float | None = None,
-                 generator: torch.Generator | None = None, x0_prev: torch.Tensor | None = None):
+                 generator: torch.Generator | None = None, x0_prev: torch.Tensor | None = None,
+                 x0_prev2: torch.Tensor | None = None):
     """One reverse-diffusion update in the general form every SR3 sampler reduces to:
 
         x0     = a·y_t − b·eps                          (the clean image implied by eps)
         x0     = clamp(x0, −clip, clip)                 (only when clip is given)
-        y_prev = m0·x0 + m1·y_t + m2·x0_prev + sigma·z  (m2·x0_prev: multistep samplers only)
+        y_prev = m0·x0 + m1·y_t + m2·x0_prev + m3·x0_prev2 + sigma·z
+                                                        (m2·x0_prev, m3·x0_prev2: multistep only)
 
     y_t, eps: (B, *); coefs: (B, 5) float32 holding (a, b, m0, m1, sigma) per sample, or (B, 6)
-    with m2 last. z is `noise` when given (same shape as y_t), else drawn from N(0, I) with
-    `generator`.
+    with m2 next, or (B, 7) with m2, m3. z is `noise` when given (same shape as y_t), else drawn
+    from N(0, I) with `generator`.
 
     Without x0_prev (single-step samplers; no history is a zero history): returns y_prev.
-    With x0_prev, the previous step's x0 shaped like y_t (multistep samplers; coefs (B, 6)):
+    With x0_prev, the previous step's x0 shaped like y_t (multistep samplers; coefs (B, 6) or
+    (B, 7)), and x0_prev2, the x0 of the step before that (three-step solvers; coefs (B, 7)):
     returns (y_prev, x0), x0 being this step's clamped estimate, the next step's x0_prev.
     Both in y_t's dtype. Operations run in float32 in the order written, left to right.
     """
@@ -85,7 +88,10 @@ def reverse_step(y_t: torch.Tensor, eps: torch.Tensor, coefs: torch.Tensor,
         y_prev = m0 * x0 + m1 * y + sigma * noise.float()
         return y_prev.to(y_t.dtype)
     m2 = per_sample[:, 5]
-    y_prev = m0 * x0 + m1 * y + m2 * x0_prev.float() + sigma * noise.float()
+    y_prev = m0 * x0 + m1 * y + m2 * x0_prev.float()
+    if x0_prev2 is not None:
+        y_prev = y_prev + per_sample[:, 6] * x0_prev2.float()
+    y_prev = y_prev + sigma * noise.float()
     return y_prev.to(y_t.dtype), x0.to(y_t.dtype)
 
 

@@ -55,7 +55,7 @@ import sr3fast
 from sr3fast import backends, reference
 from sr3fast.cli import main as cli_main
 from sr3fast.diffusion import CLIP, LOOPS, NoiseSchedule, respace, reverse_coefficients, sample
-from sr3fast.diffusion.coefficients import MULTISTEP, is_stochastic
+from sr3fast.diffusion.coefficients import HISTORY, is_stochastic
 from sr3fast.export import Package, PackageInfo, load_package, open_package
 
 from support import DEVICE, fp32_atol, report
@@ -72,8 +72,10 @@ _CPP_LOOP_REASON = backends.unavailable_reason(EXTENSION, DEVICE.type)
 needs_cpp_loop = pytest.mark.skipif(_CPP_LOOP_REASON is not None,
                                     reason=f"loop='cpp' cannot run on {DEVICE}: {_CPP_LOOP_REASON}")
 SAMPLER_CASES = [("sr3", {}), ("posterior", {}), ("ddim", {}), ("ddim", {"eta": 0.5}),
-                 ("dpmpp_2m", {}), ("dpmpp_2m_sde", {}), ("dpmpp_2m_sde", {"eta": 0.5})]
-CASE_IDS = ["sr3", "posterior", "ddim", "ddim-eta0.5", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_2m_sde-eta0.5"]
+                 ("dpmpp_2m", {}), ("dpmpp_2m_sde", {}), ("dpmpp_2m_sde", {"eta": 0.5}),
+                 ("dpmpp_3m", {}), ("dpmpp_3m_sde", {})]
+CASE_IDS = ["sr3", "posterior", "ddim", "ddim-eta0.5", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_2m_sde-eta0.5",
+            "dpmpp_3m", "dpmpp_3m_sde"]
 
 
 @contextlib.contextmanager
@@ -152,7 +154,8 @@ def test_cpp_loop_reproduces_the_python_loop(tiny, sampler, kwargs, noise):
 U32 = 2.0 ** -24  # float32 unit roundoff
 
 
-def reverse_step_rounding_bound(y, eps, coefs, z, clip, x0_prev=None, prev_products=None):
+def reverse_step_rounding_bound(y, eps, coefs, z, clip, x0_prev=None, prev_products=None,
+                                x0_prev2=None, prev2_products=None):
     """Elementwise bound on |A - B| for two float32 evaluations A, B of one reverse step,
 
         x0 = clamp(a*y - b*eps),  y_prev = m0*x0 + m1*y + sigma*z  [+ m2*x0_prev, multistep],
@@ -174,7 +177,9 @@ def reverse_step_rounding_bound(y, eps, coefs, z, clip, x0_prev=None, prev_produ
 
     Multistep (x0_prev given): one more product and sum, so 5u*P with P + |m2*x0_prev|; and each
     evaluation carried its own x0_prev, within 3u*T_prev of the exact one (prev_products, the
-    previous step's T), which m2 carries: + |m2|*3u*T_prev.
+    previous step's T), which m2 carries: + |m2|*3u*T_prev. A second history term (x0_prev2,
+    3M) likewise: 6u*P with P + |m3*x0_prev2|, and + |m3|*3u*T_prev2 (prev2_products, the T of
+    two steps back).
 
     Returns (bound, T), T for the next step's prev_products.
     """
@@ -191,8 +196,14 @@ def reverse_step_rounding_bound(y, eps, coefs, z, clip, x0_prev=None, prev_produ
     else:
         m2 = coefs.double()[:, 5].reshape(shape)
         terms = terms + (m2 * x0_prev.double()).abs()
-        one = (m0.abs() * 3 * U32 * products + 5 * U32 * terms
-               + m2.abs() * 3 * U32 * prev_products)
+        carried = m2.abs() * 3 * U32 * prev_products
+        sums = 5
+        if x0_prev2 is not None:
+            m3 = coefs.double()[:, 6].reshape(shape)
+            terms = terms + (m3 * x0_prev2.double()).abs()
+            carried = carried + m3.abs() * 3 * U32 * prev2_products
+            sums = 6
+        one = m0.abs() * 3 * U32 * products + sums * U32 * terms + carried
     return 2 * 1.001 * one + 16 * torch.finfo(torch.float32).tiny, products
 
 
@@ -222,8 +233,10 @@ def test_every_cpp_loop_step_is_the_python_loops_step(tiny, sampler, kwargs):
         state = torch.randn(x.shape, generator=generator, device=DEVICE)  # y_T
         coefs = reverse_coefficients(schedule, sampler, x.shape[0], DEVICE, **kwargs)
         stochastic = is_stochastic(schedule, sampler, kwargs.get("eta"))
-        multistep = sampler in MULTISTEP
+        depth = HISTORY.get(sampler, 0)
         x0_prev, prev_products = torch.zeros_like(state), torch.zeros_like(state, dtype=torch.float64)
+        x0_prev2, prev2_products = torch.zeros_like(state), torch.zeros_like(prev_products)
+        second = {"x0_prev2": x0_prev2} if depth == 2 else {}
         clip = CLIP[sampler]
         worst = 0.0
         for i, ((y_t, eps), (_, y_prev)) in enumerate(zip(calls, steps)):
@@ -232,23 +245,26 @@ def test_every_cpp_loop_step_is_the_python_loops_step(tiny, sampler, kwargs):
                 z = torch.randn(state.shape, generator=generator, device=DEVICE)
             else:
                 z = torch.zeros_like(state)
-            if multistep:
+            if depth:
                 want, x0 = sr3fast.ops.reverse_step(y_t, eps.float(), coefs[i], noise=z, clip=clip,
-                                                    x0_prev=x0_prev)
+                                                    x0_prev=x0_prev, **second)
             else:
                 want = sr3fast.ops.reverse_step(y_t, eps.float(), coefs[i], noise=z, clip=clip)
             if python_kernel == EXTENSION:
                 assert torch.equal(y_prev, want), f"step {i} differs ({python_kernel} kernel)"
             else:
-                bound, prev_products = reverse_step_rounding_bound(
-                    y_t, eps, coefs[i], z, clip, x0_prev if multistep else None, prev_products)
+                bound, products = reverse_step_rounding_bound(
+                    y_t, eps, coefs[i], z, clip, x0_prev if depth else None, prev_products,
+                    x0_prev2 if depth == 2 else None, prev2_products)
+                prev2_products, prev_products = prev_products, products
                 excess = ((y_prev.double() - want.double()).abs() / bound).max().item()
                 worst = max(worst, excess)
                 assert excess <= 1, (f"step {i}: C++ and {python_kernel} steps differ by "
                                      f"{excess:.2f}x the rounding bound")
             state = y_prev
-            if multistep:
-                x0_prev = x0
+            if depth:
+                x0_prev2, x0_prev = x0_prev, x0
+                second = {"x0_prev2": x0_prev2} if depth == 2 else {}
         print(f"{sampler}: python loop's kernel {python_kernel}; worst step difference "
               f"{worst:.3f} of the rounding bound")
 
@@ -276,32 +292,42 @@ def test_reverse_step_rounding_bound_covers_fused_multiply_adds():
         assert 0 < ratio <= 1  # they do differ (the test means something) and stay within
 
 
-def test_multistep_rounding_bound_covers_fused_multiply_adds_and_a_drifted_history():
-    """The multistep bound: the reference's rounded step from one x0_prev against the FMA chain
-    from an x0_prev off by 3u*T_prev (the most the other evaluation's previous step can differ,
-    sign chosen to add up), large m2 so the history term matters."""
+@pytest.mark.parametrize("depth", [1, 2], ids=["x0_prev", "x0_prev2"])
+def test_multistep_rounding_bound_covers_fused_multiply_adds_and_a_drifted_history(depth):
+    """The multistep bound: the reference's rounded step from one history against the FMA chain
+    from a history off by 3u*T_prev (3u*T_prev2 for x0_prev2: the most the other evaluation's
+    earlier steps can differ, sign chosen to add up), large m2 (and m3) so the history matters."""
     generator = torch.Generator().manual_seed(1)
     shape = (4, 3, 32, 32)
     y = torch.randn(shape, generator=generator) * 10.0 ** torch.randint(-3, 3, shape, generator=generator)
     eps, z = torch.randn(shape, generator=generator), torch.randn(shape, generator=generator)
-    prev_products = (torch.rand(shape, generator=generator) * 10).double()
-    x0_prev = torch.rand(shape, generator=generator) * 2 - 1
-    coefs = torch.rand(4, 6, generator=generator) * 3
+    prev_products, prev2_products = ((torch.rand(shape, generator=generator) * 10).double()
+                                     for _ in range(2))
+    x0_prev, x0_prev2 = (torch.rand(shape, generator=generator) * 2 - 1 for _ in range(2))
+    coefs = torch.rand(4, 7, generator=generator) * 3
     coefs[:, 5] *= -4
+    coefs[:, 6] *= 2
+    if depth == 1:
+        coefs, x0_prev2, prev2_products = coefs[:, :6].contiguous(), None, None
     drift = (3 * U32 * prev_products).float()
     for clip in (None, 1.0):
-        rounded, _ = reference.reverse_step(y, eps, coefs, z, clip, x0_prev=x0_prev)
+        rounded, _ = reference.reverse_step(y, eps, coefs, z, clip, x0_prev=x0_prev, x0_prev2=x0_prev2)
         a, b, m0, m1, sigma, m2 = (coefs[:, k].reshape(-1, 1, 1, 1) for k in range(6))
         fma = lambda p, q, r: (p.double() * q.double() + r.double()).float()  # noqa: E731
         x0 = fma(a, y, -(b * eps))
         if clip is not None:
             x0 = x0.clamp(-clip, clip)
-        fused = fma(m0, x0, fma(m1, y, fma(m2, x0_prev + drift, sigma * z)))
-        bound, _ = reverse_step_rounding_bound(y, eps, coefs, z, clip, x0_prev, prev_products)
+        tail = sigma * z
+        if depth == 2:
+            m3 = coefs[:, 6].reshape(-1, 1, 1, 1)
+            tail = fma(m3, x0_prev2 + (3 * U32 * prev2_products).float(), tail)
+        fused = fma(m0, x0, fma(m1, y, fma(m2, x0_prev + drift, tail)))
+        bound, _ = reverse_step_rounding_bound(y, eps, coefs, z, clip, x0_prev, prev_products,
+                                               x0_prev2, prev2_products)
         ratio = ((fused.double() - rounded.double()).abs() / bound).max().item()
         single, _ = reverse_step_rounding_bound(y, eps, coefs[:, :5], z, clip)
         beyond_single = ((fused.double() - rounded.double()).abs() / single).max().item()
-        print(f"clip={clip}: multistep FMA against rounded: {ratio:.3f} of the bound "
+        print(f"depth {depth} clip={clip}: multistep FMA against rounded: {ratio:.3f} of the bound "
               f"({beyond_single:.1f} of the single-step one)")
         assert 0 < ratio <= 1
         assert beyond_single > 1   # the history terms are needed: the single-step bound is too small

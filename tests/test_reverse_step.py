@@ -617,23 +617,30 @@ def _magnitudes_history(y, eps, z, coefs, x0_prev) -> torch.Tensor:
     return _magnitudes(y, eps, z, coefs[:, :5]) + (m2 * x0_prev.double()).abs()
 
 
-def _multistep_float64(y, eps, z, coefs, x0_prev, clip):
-    """(y_prev, clamped x0, |a·y| + |b·eps|) in float64, from the inputs' stored values."""
-    c = coefs.double().reshape(coefs.shape[0], 6, *([1] * (y.dim() - 1)))
-    a, b, m0, m1, sigma, m2 = c.unbind(dim=1)
+def _multistep_float64(y, eps, z, coefs, x0_prev, clip, x0_prev2=None):
+    """(y_prev, clamped x0, |a·y| + |b·eps|) in float64, from the inputs' stored values;
+    coefs (B, 6), or (B, 7) with x0_prev2."""
+    c = coefs.double().reshape(coefs.shape[0], coefs.shape[1], *([1] * (y.dim() - 1)))
+    a, b, m0, m1, sigma, m2 = c.unbind(dim=1)[:6]
     y, eps, z, x0_prev = (t.double() for t in (y, eps, z, x0_prev))
     x0 = a * y - b * eps
     if clip is not None:
         x0 = x0.clamp(-clip, clip)
-    return m0 * x0 + m1 * y + m2 * x0_prev + sigma * z, x0, (a * y).abs() + (b * eps).abs()
+    y_prev = m0 * x0 + m1 * y + m2 * x0_prev + sigma * z
+    if x0_prev2 is not None:
+        y_prev = y_prev + c[:, 6] * x0_prev2.double()
+    return y_prev, x0, (a * y).abs() + (b * eps).abs()
 
 
 MULTISTEP_CASES = {
-    # y_t's dtype, x0_prev's dtype, y_t channels-last (x0_prev stays contiguous: a layout copy)
-    "fp32": (torch.float32, torch.float32, False),
-    "fp32-bf16-history": (torch.float32, torch.bfloat16, False),
-    "fp32-channels-last": (torch.float32, torch.float32, True),
-    "bf16": (torch.bfloat16, torch.bfloat16, False),
+    # y_t's dtype, the history's dtype, y_t channels-last (the history stays contiguous: a layout
+    # copy), a second history term (x0_prev2, coefs (B, 7): 3M)
+    "fp32": (torch.float32, torch.float32, False, False),
+    "fp32-bf16-history": (torch.float32, torch.bfloat16, False, False),
+    "fp32-channels-last": (torch.float32, torch.float32, True, False),
+    "bf16": (torch.bfloat16, torch.bfloat16, False, False),
+    "fp32-second-history-channels-last": (torch.float32, torch.float32, True, True),
+    "bf16-second-history": (torch.bfloat16, torch.bfloat16, False, True),
 }
 
 
@@ -645,23 +652,32 @@ def test_multistep_outputs_x0_and_y_prev(backend, case, clip):
     y_t's dtype and layout, against float64 from the same stored inputs. A NaN in eps stays NaN
     in both outputs through the clip, as with torch.clamp. Shape (3, 3, 33, 47): two blocks per
     sample with a ragged tail. Bounds: the module docstring; bf16 outputs add the final store's
-    rounding (as in test_random_shapes)."""
-    dtype, history_dtype, channels_last = case
+    rounding (as in test_random_shapes). A second history term adds one product and one sum,
+    so one eps32·M' more."""
+    dtype, history_dtype, channels_last, second = case
     shape = (3, 3, 33, 47)
     y, eps, z, x0_prev, coefs = _history_inputs(shape, seed=200, dtype=dtype)
     x0_prev = x0_prev.to(history_dtype)
+    x0_prev2 = None
+    if second:
+        x0_prev2 = (2 * torch.rand(shape, generator=_generator(203, "cpu")) - 1).to(DEVICE, history_dtype)
+        m3 = 2 * torch.rand(shape[0], 1, generator=_generator(204, "cpu"))
+        coefs = torch.cat([coefs, m3.to(DEVICE)], dim=1)
     eps.view(3, -1)[1, 5] = float("nan")
     if channels_last:
         y, eps, z = (t.contiguous(memory_format=torch.channels_last) for t in (y, eps, z))
-    y_prev, x0 = _triton_step(y, eps, coefs, noise=z, clip=clip, x0_prev=x0_prev)
+    y_prev, x0 = _triton_step(y, eps, coefs, noise=z, clip=clip, x0_prev=x0_prev, x0_prev2=x0_prev2)
     for name, out in (("y_prev", y_prev), ("x0", x0)):
         assert out.dtype == dtype and out.shape == y.shape and out.stride() == y.stride(), name
 
-    expected_y, expected_x0, products = _multistep_float64(y, eps, z, coefs, x0_prev, clip)
+    expected_y, expected_x0, products = _multistep_float64(y, eps, z, coefs, x0_prev, clip, x0_prev2)
     nan = expected_x0.isnan()
     assert nan.sum() == 1 and torch.equal(x0.isnan(), nan) and torch.equal(y_prev.isnan(), nan)
     x0_error = (EPS32 + EPS32**2 / 4) * products + torch.finfo(torch.float32).tiny
-    y_error = 6 * EPS32 * _magnitudes_history(y, eps, z, coefs, x0_prev)
+    magnitudes = _magnitudes_history(y, eps, z, coefs[:, :6], x0_prev)
+    if second:
+        magnitudes = magnitudes + (coefs[:, 6].double().reshape(3, 1, 1, 1) * x0_prev2.double()).abs()
+    y_error = (7 if second else 6) * EPS32 * magnitudes
     store = 0.0 if dtype == torch.float32 else (
         _bf16_store_rounding_ulps(backend) * torch.finfo(dtype).eps)
     for name, actual, expected, error in (("x0", x0, expected_x0, x0_error),

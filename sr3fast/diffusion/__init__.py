@@ -8,16 +8,17 @@
 The per-step tables the samplers run on (`reverse_coefficients`, `noise_levels`) are the
 contract shared with the C++ sampling loop; see sr3fast.diffusion.coefficients.
 """
-from .coefficients import CLIP, MULTISTEP, SAMPLER_NAMES, log_snr, noise_levels, reverse_coefficients
+from .coefficients import (CLIP, HISTORY, MULTISTEP, SAMPLER_NAMES, log_snr, noise_levels,
+                           reverse_coefficients)
 from .loops import LOOPS
 from .loss import diffusion_loss, sample_gamma
 from .samplers import (SAMPLERS, sample, sample_ddim, sample_dpmpp_2m, sample_dpmpp_2m_sde,
-                       sample_posterior, sample_sr3)
+                       sample_dpmpp_3m, sample_dpmpp_3m_sde, sample_posterior, sample_sr3)
 from .schedules import SCHEDULES, NoiseSchedule, make_betas, respace, respace_log_snr, truncate
 
 __all__ = [
-    "CLIP", "LOOPS", "MULTISTEP", "SAMPLERS", "SAMPLER_NAMES", "SCHEDULES", "NoiseSchedule",
+    "CLIP", "HISTORY", "LOOPS", "MULTISTEP", "SAMPLERS", "SAMPLER_NAMES", "SCHEDULES", "NoiseSchedule",
     "diffusion_loss", "log_snr", "make_betas", "noise_levels", "respace", "respace_log_snr", "truncate",
     "reverse_coefficients", "sample", "sample_ddim", "sample_dpmpp_2m", "sample_dpmpp_2m_sde",
-    "sample_gamma", "sample_posterior", "sample_sr3",
+    "sample_dpmpp_3m", "sample_dpmpp_3m_sde",    "sample_gamma", "sample_posterior", "sample_sr3",
 ]

@@ -67,11 +67,12 @@ class SamplingRun:
     """The inputs of one sampling call, as every loop takes them."""
     x: torch.Tensor                    # (B, C, H, W) condition, in the denoiser's dtype
     y_T: torch.Tensor                  # (B, C, H, W) float32 starting noise (not modified)
-    coefs: torch.Tensor                # (T, B, 6) float32: reverse_coefficients
+    coefs: torch.Tensor                # (T, B, 7) float32: reverse_coefficients
     gammas: torch.Tensor               # (T, B) float32: noise_levels
     clip: float | None
     stochastic: bool                   # False when no step adds noise (DDIM, eta = 0; dpmpp_2m)
-    multistep: bool                    # carry x0 from step to step (coefficient m2): DPM-Solver++
+    history: int                       # past x0 estimates carried from step to step: 0, 1
+                                       # (m2: DPM-Solver++ 2M) or 2 (m2, m3: 3M); HISTORY
     noise: str                         # "torch" or "kernel": see sr3fast.diffusion.samplers
     generator: torch.Generator | None
 
@@ -84,7 +85,9 @@ def run_python(denoise: Denoise, run: SamplingRun, callback: Callable | None = N
     """y_0 (float32) of `run`, stepping in Python; callback(i, y) after loop step i."""
     y = run.y_T.clone()
     no_noise = torch.zeros_like(y)
-    x0_prev = torch.zeros_like(y) if run.multistep else None  # the first step's m2 is 0
+    # the multistep history, zeros before the first step (whose m2 and m3 are 0)
+    x0_prev = torch.zeros_like(y) if run.history >= 1 else None
+    x0_prev2 = torch.zeros_like(y) if run.history == 2 else None
     last = run.steps - 1
     for i in range(run.steps):
         eps = denoise(run.x, y.to(run.x.dtype), run.gammas[i])
@@ -94,9 +97,12 @@ def run_python(denoise: Denoise, run: SamplingRun, callback: Callable | None = N
             z = torch.randn(y.shape, generator=run.generator, device=y.device, dtype=STATE_DTYPE)
         else:
             z = None  # drawn in-kernel from the generator
-        if run.multistep:
-            y, x0_prev = ops.reverse_step(y, eps.to(STATE_DTYPE), run.coefs[i], noise=z,
-                                          clip=run.clip, generator=run.generator, x0_prev=x0_prev)
+        if run.history:
+            y, x0 = ops.reverse_step(y, eps.to(STATE_DTYPE), run.coefs[i], noise=z, clip=run.clip,
+                                     generator=run.generator, x0_prev=x0_prev, x0_prev2=x0_prev2)
+            if run.history == 2:
+                x0_prev2 = x0_prev        # the history moves back one step: references, no copies
+            x0_prev = x0
         else:
             y = ops.reverse_step(y, eps.to(STATE_DTYPE), run.coefs[i], noise=z, clip=run.clip,
                                  generator=run.generator)
@@ -113,7 +119,7 @@ def run_cpp(denoiser: Denoise | str, run: SamplingRun, callback: Callable | None
     extension = compiled_extension("cpp")
     return extension.sample(denoiser, run.x, run.y_T, run.coefs, run.gammas, run.clip,
                             run.stochastic, run.noise == "kernel", run.generator, callback,
-                            run.multistep)
+                            run.history)
 
 
 def run_graph(denoise: Denoise, run: SamplingRun, callback: Callable | None = None) -> torch.Tensor:
@@ -138,18 +144,23 @@ def run_graph(denoise: Denoise, run: SamplingRun, callback: Callable | None = No
     y = run.y_T.clone()
     step = torch.zeros(1, dtype=torch.long, device=device)
     no_noise = None if run.stochastic else torch.zeros_like(y)
-    x0_prev = torch.zeros_like(y)   # the multistep history, a static buffer the graph updates
+    # the multistep history, static buffers the graph updates (copies: a captured graph reads
+    # fixed addresses, so the shift cannot be a swap of references as in the other loops)
+    x0_prev, x0_prev2 = torch.zeros_like(y), torch.zeros_like(y)
 
     def one_step() -> None:
-        coefs = run.coefs.index_select(0, step)[0]    # (B, 6) row of this step
+        coefs = run.coefs.index_select(0, step)[0]    # (B, 7) row of this step
         gamma = run.gammas.index_select(0, step)[0]   # (B,)
         eps = denoise(run.x, y.to(run.x.dtype), gamma)
         z = no_noise
         if z is None and run.noise == "torch":
             z = torch.randn(y.shape, generator=generator, device=device, dtype=STATE_DTYPE)
-        if run.multistep:
+        if run.history:
             y_prev, x0 = ops.reverse_step(y, eps.to(STATE_DTYPE), coefs, noise=z, clip=run.clip,
-                                          generator=generator, x0_prev=x0_prev)
+                                          generator=generator, x0_prev=x0_prev,
+                                          x0_prev2=x0_prev2 if run.history == 2 else None)
+            if run.history == 2:
+                x0_prev2.copy_(x0_prev)
             x0_prev.copy_(x0)
         else:
             y_prev = ops.reverse_step(y, eps.to(STATE_DTYPE), coefs, noise=z, clip=run.clip,
@@ -157,7 +168,7 @@ def run_graph(denoise: Denoise, run: SamplingRun, callback: Callable | None = No
         y.copy_(y_prev)
         step.add_(1)
 
-    graph = _capture(one_step, device, generator, restore=(y, x0_prev, step),
+    graph = _capture(one_step, device, generator, restore=(y, x0_prev, x0_prev2, step),
                      warmup=min(2, run.steps))
     for i in range(run.steps):
         graph.replay()

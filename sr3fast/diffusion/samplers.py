@@ -5,6 +5,8 @@
     sample_ddim       DDIM (Song et al. 2021), eta = 0 deterministic
     sample_dpmpp_2m   DPM-Solver++(2M) (Lu et al. 2022b), multistep, second order, deterministic
     sample_dpmpp_2m_sde  its SDE form (SDE-DPM-Solver++(2M)), eta = 1 by default
+    sample_dpmpp_3m   DPM-Solver++(3M), multistep, third order, deterministic
+    sample_dpmpp_3m_sde  its SDE form, eta = 1 by default
 
 All share one signature, (model, x, schedule, *, y_T, generator, noise, callback, progress, loop,
 package), and one setup (`_run`): per step, eps = model.predict_noise(x, y_t, g_t), then the fused
@@ -19,10 +21,12 @@ noise="torch", each step's z is drawn with torch.randn(..., generator=generator)
 and handed to reverse_step, so a seed gives the same image on every backend. With
 noise="kernel", reverse_step gets noise=None and the generator, and a fused backend draws z
 in-kernel (faster, but the image then depends on the backend). Steps that add no noise
-(the last one; every step of DDIM with eta = 0 and of DPM-Solver++ 2M) get zeros in both modes.
+(the last one; every step of DDIM with eta = 0 and of DPM-Solver++ 2M and 3M) get zeros in both
+modes.
 
-Multistep samplers (DPM-Solver++) also carry the previous step's x0 estimate from step to step
-(coefficient m2 of the table); every loop carries it the same way.
+Multistep samplers (DPM-Solver++) also carry past x0 estimates from step to step: 2M the previous
+step's (coefficient m2 of the table), 3M that and the one before it (m3); every loop carries them
+the same way.
 
 The sampling state y is float32 whatever the model's dtype (a long chain of bf16 updates would
 lose the image); the model sees y cast to x's dtype. The result is y_0, float32, in [-1, 1].
@@ -35,7 +39,7 @@ from typing import Callable
 import torch
 
 from ._checks import check_generator
-from .coefficients import CLIP, MULTISTEP, is_stochastic, noise_levels, reverse_coefficients
+from .coefficients import CLIP, HISTORY, is_stochastic, noise_levels, reverse_coefficients
 from .loops import (LOOPS, NOISE_SOURCES, STATE_DTYPE, SamplingRun, denoiser_for, run_cpp, run_graph,
                     run_python)
 from .schedules import NoiseSchedule
@@ -75,7 +79,7 @@ def _run(model, x: torch.Tensor, schedule: NoiseSchedule, sampler: str, *, eta: 
                       coefs=reverse_coefficients(schedule, sampler, batch, device, eta=eta),
                       gammas=noise_levels(schedule, batch, device), clip=clip,
                       stochastic=is_stochastic(schedule, sampler, eta),
-                      multistep=sampler in MULTISTEP, noise=noise, generator=generator)
+                      history=HISTORY.get(sampler, 0), noise=noise, generator=generator)
     bar = None
     if progress:
         from tqdm.auto import tqdm
@@ -203,9 +207,55 @@ def sample_dpmpp_2m_sde(model, x: torch.Tensor, schedule: NoiseSchedule, *, eta:
                 generator=generator, noise=noise, callback=callback, progress=progress, loop=loop,
                 package=package)
 
+@torch.no_grad()
+def sample_dpmpp_3m(model, x: torch.Tensor, schedule: NoiseSchedule, *, clip: float | None = 1.0,
+                    y_T: torch.Tensor | None = None, generator: torch.Generator | None = None,
+                    noise: str = "torch", callback: Callable | None = None, progress: bool = False,
+                    loop: str = "python", package=None) -> torch.Tensor:
+    """DPM-Solver++(3M) (Lu et al. 2022b: multistep, third order, data prediction) over the
+    schedule's noise levels, in half-log-SNR time lambda. With the notation of sample_dpmpp_2m,
+    each step integrates the quadratic through the x0 estimates D_i, D_{i-1}, D_{i-2} (at their
+    lambdas) exactly against the exponential integrator:
+
+        y_{i+1} = (sigma_{i+1}/sigma_i)·y_i + alpha_{i+1}·(I0·D_i + I1·c1 + I2·c2),
+
+    D(u) = D_i + c1·u + c2·u² in u = lambda - lambda_i, I0 = 1 - e^(-h), I1 = h - I0,
+    I2 = h² - 2h + 2·I0 (sr3fast.diffusion.coefficients._dpmpp_3m_rows has the derivation). The
+    first step is first order (DDIM), the second and the one before the last second order, the
+    last gives y_0 = D. Deterministic given y_T; clip=None disables the clamp of D_i.
+
+    x: (B, C, H, W) upsampled condition; callback(i, y) after loop step i (y = y_{T-1-i}).
+    """
+    return _run(model, x, schedule, "dpmpp_3m", clip=clip, y_T=y_T, generator=generator,
+                noise=noise, callback=callback, progress=progress, loop=loop, package=package)
+
+
+@torch.no_grad()
+def sample_dpmpp_3m_sde(model, x: torch.Tensor, schedule: NoiseSchedule, *, eta: float = 1.0,
+                        clip: float | None = 1.0, y_T: torch.Tensor | None = None,
+                        generator: torch.Generator | None = None, noise: str = "torch",
+                        callback: Callable | None = None, progress: bool = False,
+                        loop: str = "python", package=None) -> torch.Tensor:
+    """SDE-DPM-Solver++(3M): sample_dpmpp_3m for the reverse SDE with noise scale eta. With
+    kappa = 1 + eta the weight kappa·e^(-kappa·(h - u)) replaces e^(-(h - u)):
+
+        y_{i+1} = (sigma_{i+1}/sigma_i)·e^(-eta·h)·y_i + alpha_{i+1}·(I0·D_i + I1·c1 + I2·c2)
+                  + sigma_{i+1}·sqrt(1 - e^(-2·eta·h))·z,
+        I0 = 1 - e^(-kappa·h), I1 = h - I0/kappa, I2 = h² - 2h/kappa + 2·I0/kappa²,
+
+    z ~ N(0, I). eta = 1 solves the reverse SDE (its first step is the DDPM posterior step);
+    eta = 0 is sample_dpmpp_3m.
+
+    x: (B, C, H, W) upsampled condition; callback(i, y) after loop step i (y = y_{T-1-i}).
+    """
+    return _run(model, x, schedule, "dpmpp_3m_sde", eta=eta, clip=clip, y_T=y_T,
+                generator=generator, noise=noise, callback=callback, progress=progress, loop=loop,
+                package=package)
+
 
 SAMPLERS = {"sr3": sample_sr3, "posterior": sample_posterior, "ddim": sample_ddim,
-            "dpmpp_2m": sample_dpmpp_2m, "dpmpp_2m_sde": sample_dpmpp_2m_sde}
+            "dpmpp_2m": sample_dpmpp_2m, "dpmpp_2m_sde": sample_dpmpp_2m_sde,
+            "dpmpp_3m": sample_dpmpp_3m, "dpmpp_3m_sde": sample_dpmpp_3m_sde}
 
 
 def sample(name: str, model, x: torch.Tensor, schedule: NoiseSchedule, **kwargs) -> torch.Tensor:

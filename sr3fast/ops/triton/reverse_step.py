@@ -1,12 +1,13 @@
 """Triton backend of reverse_step, registered as two custom ops over one kernel:
 
     sr3fast::reverse_step_triton(y_t, eps, coefs, noise?, seed?, clip?) -> y_prev
-    sr3fast::reverse_step_multistep_triton(y_t, eps, coefs, x0_prev, noise?, seed?, clip?)
-        -> (y_prev, x0)
+    sr3fast::reverse_step_multistep_triton(y_t, eps, coefs, x0_prev, noise?, seed?, clip?,
+                                           x0_prev2?) -> (y_prev, x0)
 
-The first is every single-step sampler's update (coefs (B, 5) or (B, 6), columns 0..4 read);
-the second adds the multistep history term, y_prev = ((m0·x0 + m1·y_t) + m2·x0_prev) + sigma·z
-with coefs (B, 6), and returns this step's clamped x0 (y_t's dtype and layout) for the next
+The first is every single-step sampler's update (coefs (B, 5), (B, 6) or (B, 7), columns 0..4
+read); the second adds the multistep history term, y_prev = ((m0·x0 + m1·y_t) + m2·x0_prev) +
+sigma·z with coefs (B, 6) or (B, 7) (and + m3·x0_prev2 before the noise term when x0_prev2 is
+given, coefs (B, 7)), and returns this step's clamped x0 (y_t's dtype and layout) for the next
 step. Both launch kernels/reverse_step.py's one kernel (HAS_HISTORY off / on) and are pure
 functions of their inputs. Randomness enters only through `seed`, a (1,) int64 device tensor that
 `reverse_step` draws per call with torch's own RNG, the same way for both ops (so one generator
@@ -92,10 +93,13 @@ reverse_step_triton.register_autograd(_backward, setup_context=_setup_context)
 def reverse_step_multistep_triton(y_t: torch.Tensor, eps: torch.Tensor, coefs: torch.Tensor,
                                   x0_prev: torch.Tensor, noise: Optional[torch.Tensor],
                                   seed: Optional[torch.Tensor],
-                                  clip: Optional[float]) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(y_prev, x0) of the multistep update; coefs (B, 6), x0_prev shaped like y_t (any float
-    dtype); z as in reverse_step_triton (the same z for the same seed)."""
-    return launch_reverse_step(y_t, eps, coefs, noise, seed, clip, x0_prev=x0_prev)
+                                  clip: Optional[float], x0_prev2: Optional[torch.Tensor] = None
+                                  ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(y_prev, x0) of the multistep update; coefs (B, 6) or (B, 7), x0_prev (and x0_prev2, coefs
+    then (B, 7)) shaped like y_t (any float dtype); z as in reverse_step_triton (the same z for
+    the same seed)."""
+    return launch_reverse_step(y_t, eps, coefs, noise, seed, clip, x0_prev=x0_prev,
+                               x0_prev2=x0_prev2)
 
 
 def _multistep_backward(ctx, grad_y_prev, grad_x0):
@@ -118,12 +122,15 @@ def draw_seed(device: torch.device, generator: Optional[torch.Generator] = None)
 def reverse_step(y_t: torch.Tensor, eps: torch.Tensor, coefs: torch.Tensor,
                  noise: Optional[torch.Tensor] = None, clip: Optional[float] = None,
                  generator: Optional[torch.Generator] = None,
-                 x0_prev: Optional[torch.Tensor] = None):
+                 x0_prev: Optional[torch.Tensor] = None,
+                 x0_prev2: Optional[torch.Tensor] = None):
     """sr3fast.reference.reverse_step run by one Triton kernel; arguments checked by sr3fast.ops.
 
-    Returns y_prev, or (y_prev, x0) when x0_prev is given (coefs (B, 6))."""
+    Returns y_prev, or (y_prev, x0) when x0_prev is given (coefs (B, 6) or (B, 7); (B, 7) with
+    x0_prev2)."""
     seed = draw_seed(y_t.device, generator) if noise is None else None
     if x0_prev is None:
         return reverse_step_triton(y_t, eps, coefs, noise, seed, clip)
-    y_prev, x0 = reverse_step_multistep_triton(y_t, eps, coefs, x0_prev, noise, seed, clip)
+    y_prev, x0 = reverse_step_multistep_triton(y_t, eps, coefs, x0_prev, noise, seed, clip,
+                                               x0_prev2)
     return y_prev, x0
