@@ -162,8 +162,9 @@ setup(
     # kernels/ (Triton) lives at the top level of the repository and installs as sr3fast.kernels.
     packages=find_packages(include=["sr3fast", "sr3fast.*"]) + ["sr3fast.kernels"],
     package_dir={"sr3fast.kernels": "kernels"},
-    # the default model (sr3fast.load("default")): weights and their SHA-256
-    package_data={"sr3fast": ["weights/*.safetensors", "weights/*.sha256"]},
+    # the default model (sr3fast.load("default")): weights and their SHA-256; the page of
+    # `sr3fast study serve`
+    package_data={"sr3fast": ["weights/*.safetensors", "weights/*.sha256", "study/static/*.html"]},
     # Lower bounds are the oldest releases tested: torch 2.11.0 + triton 3.6.0 (the GPU machine's;
     # CPU test suite passes, CUDA extension compiles with nvcc 13) and torch 2.14.1 + triton 3.8.0.
     # Older releases are untested. Version differences: kernels/compat.py (feature detection).
@@ -176,6 +177,7 @@ setup(
     ],
     extras_require={
         "triton": ["triton>=3.6"],
+        "study": ["matplotlib"],   # `sr3fast study report --png` (the rest of the study kit needs nothing)
         "test": [
             "pytest>=7",
             "hypothesis>=6",
@@ -185,6 +187,9 @@ setup(
             "matplotlib",
             "expecttest",
             "cmake>=3.18",  # tests/test_extension.py builds CMakeLists.txt (ninja: scripts/setup.sh)
+            # tests/test_study_browser.py drives the system's Chromium (.ci/run installs it); never
+            # run `playwright install`: the test uses /usr/bin/chromium
+            "playwright>=1.40",
         ],
     },
     entry_points={"console_scripts": ["sr3fast=sr3fast.cli:main"]},

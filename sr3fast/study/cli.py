@@ -138,9 +138,9 @@ def add_parser(commands) -> argparse.ArgumentParser:
     make.add_argument("--seed", type=int, default=0,
                       help="sampling seed of every image, and the draw of --n photos and of the attention "
                            "checks; a preset's random weights too (default 0)")
-    make.add_argument("--attention-checks", type=int, default=2, metavar="K",
+    make.add_argument("--attention-checks", type=int, default=None, metavar="K",
                       help="attention trials per variant: the ground truth against a heavily blurred "
-                           "picture (default 2; at most the number of photos)")
+                           "picture, each on another photo (default 2, or 1 with one photo)")
     make.add_argument("--device", default="cpu", help="e.g. cuda, cpu (default cpu)")
     make.add_argument("-q", "--quiet", action="store_true", help="no per-photo progress lines")
     make.set_defaults(run=cmd_make)

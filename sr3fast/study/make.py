@@ -31,6 +31,7 @@ from ..atomic import _umask, atomic_path
 from .manifest import FORMAT, MANIFEST, VARIANTS, VERSION, sha256_bytes, study_id
 
 IMAGES = "images"
+DEFAULT_ATTENTION_CHECKS = 2       # per variant, each on a different photo
 
 
 @dataclass(frozen=True)
@@ -169,7 +170,7 @@ def make_trials(items: list[dict], models: Sequence[StudyModel], attention_check
 
 def make_study(models: Sequence[StudyModel], photos: Sequence[str | os.PathLike], out: str | os.PathLike, *,
                steps: int | None = None, sampler: str | None = None, seed: int = 0, n: int | None = None,
-               crop: int | None = None, scale: int | None = None, attention_checks: int = 2,
+               crop: int | None = None, scale: int | None = None, attention_checks: int | None = None,
                device: str | None = None, progress: bool = True) -> Path:
     """Build the study folder `out` (see this module's docstring) and return its path.
 
@@ -178,6 +179,7 @@ def make_study(models: Sequence[StudyModel], photos: Sequence[str | os.PathLike]
     (None: each model's recommended). seed: the sampling seed of every image (as `sr3fast eval`),
     and the draw of the photos (`n` of them, all when None) and of the attention trials. crop:
     one crop x crop crop from each photo's centre. scale: overall factor (default: the models').
+    attention_checks: attention trials per variant (default: 2, or 1 with a single photo).
 
     Every check that can fail is made before the first image is sampled; whatever fails later
     leaves nothing behind."""
@@ -194,6 +196,8 @@ def make_study(models: Sequence[StudyModel], photos: Sequence[str | os.PathLike]
     scale = study_scale(models, scale)
     paths = choose_photos(find_images(photos), n, seed)
     check_images(paths, scale)
+    if attention_checks is None:
+        attention_checks = min(DEFAULT_ATTENTION_CHECKS, len(paths))
     check_attention_checks(attention_checks, len(paths))
     settings = [model_settings(entry, steps, sampler, scale, seed, device) for entry in models]
     truths = ground_truths(paths, crop, scale)

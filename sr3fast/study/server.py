@@ -201,6 +201,8 @@ def handler_for(app: StudyApp) -> type[BaseHTTPRequestHandler]:
                 route()
             except Refused as err:
                 self._send_json(err.status, {"error": str(err)})
+            except ConnectionError:      # the browser went away (a reload): an answer is stored anyway
+                pass
             except Exception:            # a bug or a disk error: say so, keep serving
                 traceback.print_exc()
                 self._send_json(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": "internal error; see the server's log"})
