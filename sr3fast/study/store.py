@@ -63,7 +63,7 @@ class AnswerStore:
     def __init__(self, path: str | Path, study_id: str):
         self.path = Path(path)
         self.study_id = study_id
-        with closing(self._connect()) as db, db:
+        with closing(self._connect()) as db:
             db.execute("PRAGMA journal_mode=WAL")
             db.executescript(SCHEMA)
             db.execute("INSERT OR IGNORE INTO meta VALUES ('study_id', ?)", (study_id,))
