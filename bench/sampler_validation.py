@@ -39,7 +39,7 @@ from sr3fast.evaluation import bicubic_upscale, degrade, find_images, image_metr
 from sr3fast.schedule_search import crops_of, lambda_of, sampling_start, schedule_dict  # noqa: E402
 from sr3fast.train.data import quantize  # noqa: E402
 
-SAMPLERS = ("posterior", "ddim", "dpmpp_2m", "dpmpp_2m_sde")
+SAMPLERS = ("posterior", "ddim", "dpmpp_2m", "dpmpp_2m_sde", "dpmpp_3m", "dpmpp_3m_sde")
 STEPS = (100, 50, 25, 20, 10, 5)
 REFERENCE = ("posterior", 1000)
 
