@@ -42,18 +42,18 @@ sr3fast::Denoiser make_denoiser(const py::object& denoiser, const c10::Device& d
 
 // sr3fast::sample (csrc/sampler/sampler.h) for Python: every step in C++, the GIL released except
 // while a Python denoiser or callback runs. callback(i, y) after loop step i, optional;
-// multistep: SampleOptions::multistep (the loop of a multistep solver, coefs (T, B, 6)).
+// history: SampleOptions::history, the past x0 estimates each step carries (0, 1 or 2).
 at::Tensor sample(const py::object& denoiser, const at::Tensor& x, const at::Tensor& y_T,
                   const at::Tensor& coefs, const at::Tensor& gammas, std::optional<double> clip,
                   bool stochastic, bool kernel_noise, std::optional<at::Generator> generator,
-                  const py::object& callback, bool multistep) {
+                  const py::object& callback, int64_t history) {
   const c10::DeviceGuard guard(x.device());
   sr3fast::SampleOptions options;
   options.clip = clip;
   options.stochastic = stochastic;
   options.noise = kernel_noise ? sr3fast::NoiseSource::kKernel : sr3fast::NoiseSource::kTorch;
   options.generator = std::move(generator);
-  options.multistep = multistep;
+  options.history = history;
   if (!callback.is_none()) {
     options.callback = [callback](int64_t step, const at::Tensor& y) {
       const py::gil_scoped_acquire gil;
@@ -76,10 +76,11 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "sr3fast's compiled ops; importing registers them as torch.ops.sr3fast.*";
   m.def("sample", &sample, py::arg("denoiser"), py::arg("x"), py::arg("y_T"), py::arg("coefs"),
         py::arg("gammas"), py::arg("clip"), py::arg("stochastic"), py::arg("kernel_noise"),
-        py::arg("generator"), py::arg("callback"), py::arg("multistep") = false,
+        py::arg("generator"), py::arg("callback"), py::arg("history") = 0,
         "Every step of an SR3 sampler in C++; denoiser: package path or f(x, y_t, gamma) -> eps. "
-        "multistep: each step runs reverse_step_multistep with the previous step's x0 (coefs "
-        "(T, B, 6)). Returns y_0 (float32). See sr3fast.diffusion.loops.");
+        "history: past x0 estimates each step carries, 0 (single step), 1 (x0_prev, DPM-Solver++ "
+        "2M; coefs (T, B, 6|7)) or 2 (x0_prev and x0_prev2, 3M; coefs (T, B, 7)). Returns y_0 "
+        "(float32). See sr3fast.diffusion.loops.");
   m.def(
       "package_metadata",
       [](const std::string& path, const c10::Device& device) {

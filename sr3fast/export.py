@@ -325,20 +325,21 @@ def save_sampling_inputs(path: str | os.PathLike, x: torch.Tensor, schedule, sam
     the condition x (B, C, H, W): one torch.save file (read in C++ with torch::pickle_load) of
 
         x          (B, C, H, W)   the upsampled condition, in the package's dtype
-        coefs      (T, B, 6)      float32 (a, b, m0, m1, sigma, m2): sr3fast.diffusion's
+        coefs      (T, B, 7)      float32 (a, b, m0, m1, sigma, m2, m3): sr3fast.diffusion's
                                   reverse_coefficients
         gammas     (T, B)         float32, sr3fast.diffusion.noise_levels
         stochastic, seed          0-d bool / int64: whether steps add noise; the generator's seed
-        multistep  0-d bool       whether each step carries the previous step's x0 estimate
-                                  (sr3fast.diffusion.MULTISTEP: DPM-Solver++ 2M and its SDE form)
+        history    0-d int64      how many past x0 estimates each step carries
+                                  (sr3fast.diffusion.HISTORY: 1 for DPM-Solver++ 2M, 2 for 3M)
+        multistep  0-d bool       history > 0, for sr3fast_sample programs from before history
         clip       0-d float64    present only when the sampler clamps its x0 estimate
         y_T        (B, C, H, W)   present only when given; else drawn from the seeded generator
 
     A Python sampler with generator=torch.Generator(x.device).manual_seed(seed) draws the same
     noise. eta: as the samplers take it (None: the sampler's default, sr3fast.diffusion's
     ETA_DEFAULT). clip="default" takes the sampler's (sr3fast.diffusion.CLIP)."""
-    from .diffusion import CLIP, MULTISTEP, noise_levels, reverse_coefficients
-    from .diffusion.coefficients import is_stochastic
+    from .diffusion import CLIP, noise_levels, reverse_coefficients
+    from .diffusion.coefficients import HISTORY, is_stochastic
 
     if clip == "default":
         clip = CLIP[sampler]
@@ -348,7 +349,8 @@ def save_sampling_inputs(path: str | os.PathLike, x: torch.Tensor, schedule, sam
         "coefs": reverse_coefficients(schedule, sampler, batch, "cpu", eta=eta),
         "gammas": noise_levels(schedule, batch, "cpu"),
         "stochastic": torch.tensor(is_stochastic(schedule, sampler, eta)),
-        "multistep": torch.tensor(sampler in MULTISTEP),
+        "history": torch.tensor(HISTORY.get(sampler, 0), dtype=torch.int64),
+        "multistep": torch.tensor(sampler in HISTORY),
         "seed": torch.tensor(int(seed), dtype=torch.int64),
     }
     if clip is not None:

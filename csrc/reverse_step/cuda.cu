@@ -1,9 +1,9 @@
 // reverse_step and reverse_step_multistep on CUDA: one fused elementwise kernel on the current
-// stream, serving both ops (the template flag kHistory adds the multistep term m2*x0_prev and
-// the output x0). The per-element update is math.h's x0_estimate / update, shared with the CPU
-// kernel: float32 maths with explicitly rounded operations in the reference's order (no FMA
-// contraction) and a NaN-preserving clamp, so with the same z it matches sr3fast.reference bit
-// for bit.
+// stream, serving both ops (the template depth kHistory, 0, 1 or 2 past x0 estimates, adds the
+// multistep terms m2*x0_prev [+ m3*x0_prev2] and the output x0). The per-element update is
+// math.h's x0_estimate / update, shared with the CPU kernel: float32 maths with explicitly
+// rounded operations in the reference's order (no FMA contraction) and a NaN-preserving clamp,
+// so with the same z it matches sr3fast.reference bit for bit.
 //
 // Without `noise`, z is drawn in the kernel with curand's Philox, seeded from the torch generator
 // the CUDA-graph-safe way (philox_cuda_state under the generator's lock, unpacked in the kernel,
@@ -38,30 +38,33 @@ constexpr int kQuad = 4;
 constexpr uint64_t kPhiloxIncrement = kPerThread;
 
 struct Step {
-  const float* coefs;  // (B, coef_stride)
-  int64_t coef_stride;  // 5 or 6
+  const float* coefs;   // (B, coef_stride)
+  int64_t coef_stride;  // 5, 6 or 7
   int64_t numel, per_sample;
   bool clip_enabled;
   float clip;
 };
 
-// The operands of one launch, all laid out as y_t. E, N, X (eps, noise, x0_prev) are T or
-// float; noise is null when the kernel draws z; x0_prev and x0 are used only with history.
+// The operands of one launch, all laid out as y_t. E, N, X (eps, noise, both histories) are T
+// or float; noise is null when the kernel draws z; x0_prev and x0 are used only with history,
+// x0_prev2 only with two.
 template <typename T, typename E, typename N, typename X>
 struct Operands {
   const T* __restrict__ y;
   const E* __restrict__ eps;
   const N* __restrict__ noise;
-  const X* __restrict__ x0_prev;  // (B, *) multistep history input
-  T* __restrict__ out;            // (B, *) y_prev
-  T* __restrict__ x0;             // (B, *) multistep output: this step's (clamped) x0 estimate
+  const X* __restrict__ x0_prev;   // (B, *) multistep history input: the previous step's x0
+  T* __restrict__ out;             // (B, *) y_prev
+  T* __restrict__ x0;              // (B, *) multistep output: this step's (clamped) x0 estimate
+  const X* __restrict__ x0_prev2;  // (B, *) second history input: the x0 of two steps back
 };
 
-// kHistory: the multistep op (reads x0_prev, adds m2*x0_prev, writes x0); the noise draw is the
-// same either way, so both ops see the same z for the same generator state.
+// kHistory: 0 the single-step op; 1 the multistep op (reads x0_prev, adds m2*x0_prev, writes
+// x0); 2 also reads x0_prev2 and adds m3*x0_prev2. The noise draw is the same at every depth, so
+// all see the same z for the same generator state.
 // kQuads: whether each group of four elements lies in one sample and its pointers allow 16-byte
 // (or 8-byte) packed accesses; otherwise every element is handled on its own.
-template <bool kHistory, typename T, typename E, typename N, typename X, bool kQuads>
+template <int kHistory, typename T, typename E, typename N, typename X, bool kQuads>
 __global__ void __launch_bounds__(kThreads)
     reverse_step_kernel(const Operands<T, E, N, X> o, Step step, at::PhiloxCudaState philox) {
   const int64_t thread = blockIdx.x * static_cast<int64_t>(kThreads) + threadIdx.x;
@@ -100,12 +103,19 @@ __global__ void __launch_bounds__(kThreads)
           z[q + j] = static_cast<float>(ns.v[j]);
         }
       }
-      float history[kQuad] = {};
-      if constexpr (kHistory) {
+      float history[kQuad] = {}, history2[kQuad] = {};
+      if constexpr (kHistory >= 1) {
         const auto xs = *reinterpret_cast<const Pack<X, kQuad>*>(o.x0_prev + at);
 #pragma unroll
         for (int j = 0; j < kQuad; ++j) {
           history[j] = static_cast<float>(xs.v[j]);
+        }
+      }
+      if constexpr (kHistory == 2) {
+        const auto xs = *reinterpret_cast<const Pack<X, kQuad>*>(o.x0_prev2 + at);
+#pragma unroll
+        for (int j = 0; j < kQuad; ++j) {
+          history2[j] = static_cast<float>(xs.v[j]);
         }
       }
       Pack<T, kQuad> result, x0s;
@@ -114,11 +124,12 @@ __global__ void __launch_bounds__(kThreads)
         const float yj = static_cast<float>(ys.v[j]);
         const float x0 =
             x0_estimate(yj, static_cast<float>(es.v[j]), k, step.clip_enabled, step.clip);
-        result.v[j] = static_cast<T>(update<kHistory>(x0, yj, z[q + j], history[j], k));
+        result.v[j] =
+            static_cast<T>(update<kHistory>(x0, yj, z[q + j], history[j], history2[j], k));
         x0s.v[j] = static_cast<T>(x0);
       }
       *reinterpret_cast<Pack<T, kQuad>*>(o.out + at) = result;
-      if constexpr (kHistory) {
+      if constexpr (kHistory >= 1) {
         *reinterpret_cast<Pack<T, kQuad>*>(o.x0 + at) = x0s;
       }
     } else {
@@ -131,9 +142,10 @@ __global__ void __launch_bounds__(kThreads)
           const float yi = static_cast<float>(o.y[i]);
           const float x0 =
               x0_estimate(yi, static_cast<float>(o.eps[i]), k, step.clip_enabled, step.clip);
-          const float x0_prev = kHistory ? static_cast<float>(o.x0_prev[i]) : 0.f;
-          o.out[i] = static_cast<T>(update<kHistory>(x0, yi, zi, x0_prev, k));
-          if constexpr (kHistory) {
+          const float x0_prev = kHistory >= 1 ? static_cast<float>(o.x0_prev[i]) : 0.f;
+          const float x0_prev2 = kHistory == 2 ? static_cast<float>(o.x0_prev2[i]) : 0.f;
+          o.out[i] = static_cast<T>(update<kHistory>(x0, yi, zi, x0_prev, x0_prev2, k));
+          if constexpr (kHistory >= 1) {
             o.x0[i] = static_cast<T>(x0);
           }
         }
@@ -142,20 +154,23 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-template <bool kHistory, typename T, typename E, typename N, typename X>
+template <int kHistory, typename T, typename E, typename N, typename X>
 void launch(const Problem& p, at::Tensor& out, at::Tensor& x0, const at::PhiloxCudaState& philox) {
   const Operands<T, E, N, X> o{p.y_t.data_ptr<T>(),
                                p.eps.data_ptr<E>(),
                                p.noise.defined() ? p.noise.data_ptr<N>() : nullptr,
-                               kHistory ? p.x0_prev.data_ptr<X>() : nullptr,
+                               kHistory >= 1 ? p.x0_prev.data_ptr<X>() : nullptr,
                                out.data_ptr<T>(),
-                               kHistory ? x0.data_ptr<T>() : nullptr};
+                               kHistory >= 1 ? x0.data_ptr<T>() : nullptr,
+                               kHistory == 2 ? p.x0_prev2.data_ptr<X>() : nullptr};
   const Step step{p.coefs.data_ptr<float>(), p.coef_stride, out.numel(), p.per_sample,
                   p.clip_enabled, p.clip};
   const bool quads = p.per_sample % kQuad == 0 && cuda::is_aligned(o.y, 16) &&
                      cuda::is_aligned(o.eps, 16) && cuda::is_aligned(o.out, 16) &&
                      (o.noise == nullptr || cuda::is_aligned(o.noise, 16)) &&
-                     (!kHistory || (cuda::is_aligned(o.x0_prev, 16) && cuda::is_aligned(o.x0, 16)));
+                     (kHistory < 1 ||
+                      (cuda::is_aligned(o.x0_prev, 16) && cuda::is_aligned(o.x0, 16))) &&
+                     (kHistory < 2 || cuda::is_aligned(o.x0_prev2, 16));
   const int64_t blocks = ceil_div(ceil_div(step.numel, kPerThread), kThreads);
   TORCH_CHECK(blocks < (int64_t{1} << 31), "sr3fast::reverse_step: y_t ", p.y_t.sizes(),
               " is too large for one launch; split the batch");
@@ -168,7 +183,7 @@ void launch(const Problem& p, at::Tensor& out, at::Tensor& x0, const at::PhiloxC
 
 // The whole op on a checked problem (the caller holds a guard for y_t's device): the Philox
 // state when z is drawn, then one launch. x0 is written only with history.
-template <bool kHistory>
+template <int kHistory>
 void run(const char* op, const Problem& p, const at::Tensor& y_t,
          const std::optional<at::Generator>& generator, at::Tensor& out, at::Tensor& x0) {
   if (out.numel() == 0) {
@@ -206,19 +221,23 @@ at::Tensor reverse_step_cuda(const at::Tensor& y_t, const at::Tensor& eps, const
   const Problem p = make_problem(kSingleStepOp, y_t, eps, coefs, noise, clip);
   auto out = at::empty_like(p.y_t);
   at::Tensor no_x0;
-  run<false>(kSingleStepOp, p, y_t, generator, out, no_x0);
+  run<0>(kSingleStepOp, p, y_t, generator, out, no_x0);
   return out;
 }
 
 std::tuple<at::Tensor, at::Tensor> reverse_step_multistep_cuda(
     const at::Tensor& y_t, const at::Tensor& eps, const at::Tensor& coefs,
     const at::Tensor& x0_prev, const std::optional<at::Tensor>& noise, std::optional<double> clip,
-    std::optional<at::Generator> generator) {
+    std::optional<at::Generator> generator, const std::optional<at::Tensor>& x0_prev2) {
   const c10::cuda::CUDAGuard device_guard(y_t.device());
-  const Problem p = make_problem(kMultistepOp, y_t, eps, coefs, noise, clip, x0_prev);
+  const Problem p = make_problem(kMultistepOp, y_t, eps, coefs, noise, clip, x0_prev, x0_prev2);
   auto out = at::empty_like(p.y_t);
   auto x0 = at::empty_like(p.y_t);
-  run<true>(kMultistepOp, p, y_t, generator, out, x0);
+  if (p.history() == 2) {
+    run<2>(kMultistepOp, p, y_t, generator, out, x0);
+  } else {
+    run<1>(kMultistepOp, p, y_t, generator, out, x0);
+  }
   return {out, x0};
 }
 

@@ -2,7 +2,8 @@
 // both ops, sr3fast::reverse_step and sr3fast::reverse_step_multistep:
 //   x0 = a*y - b*eps, clamped to [-clip, clip] when the sampler clips
 //   y_prev = m0*x0 + m1*y + sigma*z                        (single step)
-//   y_prev = ((m0*x0 + m1*y) + m2*x0_prev) + sigma*z       (multistep: one history term)
+//   y_prev = ((m0*x0 + m1*y) + m2*x0_prev) + sigma*z       (multistep, one history: 2M)
+//   y_prev = (((m0*x0 + m1*y) + m2*x0_prev) + m3*x0_prev2) + sigma*z   (two histories: 3M)
 // float32, every operation rounded on its own in the reference's order: on the device through the
 // _rn intrinsics, which nvcc never contracts into FMAs (even with --use_fast_math); on the host
 // as plain operations, which setup.py's -ffp-contract=off keeps unfused. Both devices therefore
@@ -55,13 +56,19 @@ C10_HOST_DEVICE inline float x0_estimate(float y, float eps, const float* k, boo
   return clip_enabled ? clamp(x0, clip) : x0;
 }
 
-// y_prev from the x0 estimate: ((m0*x0 + m1*y) + m2*x0_prev) + sigma*z with kHistory (the
-// multistep op), (m0*x0 + m1*y) + sigma*z without (x0_prev is then not read).
-template <bool kHistory>
-C10_HOST_DEVICE inline float update(float x0, float y, float z, float x0_prev, const float* k) {
+// y_prev from the x0 estimate, with kHistory (0, 1 or 2) past estimates, left to right:
+//   (m0*x0 + m1*y) [+ m2*x0_prev [+ m3*x0_prev2]] + sigma*z
+// The histories a depth does not reach are not read (pass 0).
+template <int kHistory>
+C10_HOST_DEVICE inline float update(float x0, float y, float z, float x0_prev, float x0_prev2,
+                                    const float* k) {
+  static_assert(kHistory >= 0 && kHistory <= 2, "reverse_step carries at most two histories");
   float sum = add(mul(k[kM0], x0), mul(k[kM1], y));
-  if constexpr (kHistory) {
+  if constexpr (kHistory >= 1) {
     sum = add(sum, mul(k[kM2], x0_prev));
+  }
+  if constexpr (kHistory == 2) {
+    sum = add(sum, mul(k[kM3], x0_prev2));
   }
   return add(sum, mul(k[kSigma], z));
 }

@@ -59,14 +59,14 @@ namespace {
 at::Tensor sample_aoti(c10::string_view denoiser, const at::Tensor& x, const at::Tensor& y_T,
                        const at::Tensor& coefs, const at::Tensor& gammas,
                        std::optional<double> clip, bool stochastic, bool kernel_noise,
-                       std::optional<at::Generator> generator, bool multistep) {
+                       std::optional<at::Generator> generator, int64_t history) {
   const c10::DeviceGuard guard(x.device());
   SampleOptions options;
   options.clip = clip;
   options.stochastic = stochastic;
   options.noise = kernel_noise ? NoiseSource::kKernel : NoiseSource::kTorch;
   options.generator = std::move(generator);
-  options.multistep = multistep;
+  options.history = history;
   return sample(aoti_denoiser(aoti_package(std::string(denoiser), x.device())), x, y_T, coefs,
                 gammas, options);
 }

@@ -211,7 +211,7 @@ struct Inputs {
   at::Tensor x, coefs, gammas;
   std::optional<at::Tensor> y_T;
   bool stochastic = true;
-  bool multistep = false;  // each step carries the previous step's x0 (DPM-Solver++ 2M)
+  int64_t history = 0;  // past x0 estimates each step carries (1: DPM-Solver++ 2M, 2: 3M)
   int64_t seed = 0;
   std::optional<double> clip;
 };
@@ -289,13 +289,20 @@ Inputs read_inputs(const std::string& path) {
   const InputsFile file(path);
   Inputs inputs;
   inputs.x = file.array("x", 4, "(B, C, H, W)");
-  inputs.coefs = file.array("coefs", 3, "(T, B, 6)");
+  inputs.coefs = file.array("coefs", 3, "(T, B, 7)");
   inputs.gammas = file.array("gammas", 2, "(T, B)");
   inputs.stochastic = file.scalar("stochastic", {at::kBool}).item<bool>();
   inputs.seed = file.scalar("seed", {at::kLong, at::kInt}).item<int64_t>();
-  // Absent in files written before multistep samplers existed: those are single-step.
-  if (file.has("multistep")) {
-    inputs.multistep = file.scalar("multistep", {at::kBool}).item<bool>();
+  // "history" (0-d int64): how many past x0 estimates each step carries. Files written before it
+  // have the 0-d bool "multistep" (true: one), and files from before multistep samplers neither.
+  if (file.has("history")) {
+    inputs.history = file.scalar("history", {at::kLong, at::kInt}).item<int64_t>();
+    if (inputs.history < 0 || inputs.history > 2) {
+      throw Failure(concat(in_quotes(path), ": \"history\" must be 0, 1 or 2, got ",
+                           inputs.history, "; ", kInputsHint));
+    }
+  } else if (file.has("multistep")) {
+    inputs.history = file.scalar("multistep", {at::kBool}).item<bool>() ? 1 : 0;
   }
   if (file.has("clip")) {
     inputs.clip = file.scalar("clip", {at::kDouble, at::kFloat}).item<double>();
@@ -410,7 +417,7 @@ int run(const Arguments& arguments) {
   sr3fast::SampleOptions options;
   options.clip = inputs.clip;
   options.stochastic = inputs.stochastic;
-  options.multistep = inputs.multistep;
+  options.history = inputs.history;
   options.noise = sr3fast::NoiseSource::kTorch;  // the draws the Python samplers make
   options.generator = seeded_generator(device, inputs.seed);
   const auto sample_start = std::chrono::steady_clock::now();

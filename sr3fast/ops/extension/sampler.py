@@ -21,21 +21,25 @@ NOISE_SOURCES = ("torch", "kernel")
 
 @torch.library.register_fake("sr3fast::sample_aoti")
 def _sample_aoti_fake(denoiser, x, y_T, coefs, gammas, clip=None, stochastic=True,
-                      kernel_noise=False, generator=None, multistep=False):
+                      kernel_noise=False, generator=None, history=0):
     return torch.empty_like(kernel_layout(y_T), dtype=torch.float32)
 
 
 def sample_aoti(denoiser: str, x: torch.Tensor, y_T: torch.Tensor, coefs: torch.Tensor,
                 gammas: torch.Tensor, *, clip: float | None = None, stochastic: bool = True,
                 noise: str = "torch", generator: torch.Generator | None = None,
-                multistep: bool = False) -> torch.Tensor:
-    """y_0 (float32) after every step of the sampler whose tables are coefs (T, B, 6) (or the
-    older (T, B, 5) when not multistep) and gammas (T, B); denoiser: path of a package from
-    sr3fast.export. stochastic=False for samplers that add no noise (DDIM, eta = 0); noise:
-    "torch" (z from torch.randn, as the Python samplers draw it) or "kernel" (z drawn inside
-    reverse_step); multistep=True for multistep solvers (DPM-Solver++ 2M): each step runs
-    reverse_step_multistep with the previous step's x0 estimate (zeros before the first)."""
+                history: int = 0) -> torch.Tensor:
+    """y_0 (float32) after every step of the sampler whose tables are coefs (T, B, 7) (or the
+    older (T, B, 5|6) where the history does not read the missing columns) and gammas (T, B);
+    denoiser: path of a package from sr3fast.export. stochastic=False for samplers that add no
+    noise (DDIM, eta = 0); noise: "torch" (z from torch.randn, as the Python samplers draw it) or
+    "kernel" (z drawn inside reverse_step); history: how many past x0 estimates each step carries
+    (sr3fast.diffusion.HISTORY: 1 for DPM-Solver++ 2M, 2 for 3M, 0 for single-step samplers),
+    zeros before the first step."""
     if noise not in NOISE_SOURCES:
         raise ValueError(f"noise must be one of {NOISE_SOURCES}, got {noise!r}")
+    if isinstance(history, bool) or history not in (0, 1, 2):
+        raise ValueError(f"history must be 0, 1 or 2 (past x0 estimates each step carries, "
+                         f"sr3fast.diffusion.HISTORY), got {history!r}")
     return torch.ops.sr3fast.sample_aoti(str(denoiser), x, y_T, coefs, gammas, clip, stochastic,
-                                         noise == "kernel", generator, bool(multistep))
+                                         noise == "kernel", generator, int(history))
