@@ -500,22 +500,69 @@ def test_reverse_step_errors_say_what_is_wrong(device):
 
 # ---- reverse_step_multistep -------------------------------------------------------------------
 
+# History depths of the multistep op: x0_prev only (DPM-Solver++ 2M), and x0_prev2 too (3M).
+DEPTHS = [pytest.param(1, id="history1"), pytest.param(2, id="history2")]
+
+
 def multistep_inputs(device, dtype=torch.float32, shape=(3, 3, 9, 7), channels_last=False,
-                     seed=0, sigma=0.3, x0_prev_dtype=None):
-    """step_inputs plus the history: coefs (B, 6), m2 different per sample in [-1, 0] (DPM-Solver++
-    2M's m2 = -r/2·(...) is negative), and x0_prev ~ N(0, 1) in x0_prev_dtype (None: y_t's)."""
+                     seed=0, sigma=0.3, x0_prev_dtype=None, depth=1):
+    """step_inputs plus the history: coefs (B, 7), m2 different per sample in [-1, 0] (DPM-Solver++
+    2M's m2 = -r/2·(...) is negative), m3 in [0.2, 1] (nonzero: with depth 1 it must go unread);
+    and `past`, the op's history keyword arguments for `depth`: x0_prev, and with depth 2
+    x0_prev2, independent N(0, 1) draws in x0_prev_dtype (None: y_t's)."""
     y_t, eps, coefs, noise = step_inputs(device, dtype, shape, channels_last, seed, sigma)
     gen = torch.Generator().manual_seed(seed + 100)
     m2 = -torch.rand(shape[0], 1, generator=gen)
-    x0_prev = torch.randn(shape, generator=gen).to(device, x0_prev_dtype or dtype)
+    m3 = 0.2 + 0.8 * torch.rand(shape[0], 1, generator=gen)
+    names = ("x0_prev", "x0_prev2")[:depth]
+    past = {name: torch.randn(shape, generator=gen).to(device, x0_prev_dtype or dtype)
+            for name in names}
     if channels_last:
-        x0_prev = x0_prev.contiguous(memory_format=torch.channels_last)
-    return y_t, eps, torch.cat([coefs, m2.to(device)], dim=1), noise, x0_prev
+        past = {name: t.contiguous(memory_format=torch.channels_last) for name, t in past.items()}
+    return y_t, eps, torch.cat([coefs, m2.to(device), m3.to(device)], dim=1), noise, past
+
+
+def _expected_multistep(y_t, eps, coefs, noise, clip, x0_prev, x0_prev2=None):
+    """The contract's formula written out in float32, in its order of operations, independent of
+    sr3fast.reference and of the kernels: (((m0·x0 + m1·y) + m2·x0_prev) [+ m3·x0_prev2]) + sigma·z,
+    each product and sum rounded on its own (torch's elementwise CPU and CUDA ops never fuse)."""
+    width = coefs.shape[1]
+    a, b, m0, m1, sigma, m2, *m3 = coefs.reshape(
+        coefs.shape[0], width, *([1] * (y_t.dim() - 1))).unbind(dim=1)
+    y = y_t.float()
+    x0 = a * y - b * eps.float()
+    if clip is not None:
+        x0 = torch.clamp(x0, -clip, clip)
+    y_prev = (m0 * x0 + m1 * y) + m2 * x0_prev.float()
+    if x0_prev2 is not None:
+        y_prev = y_prev + m3[0] * x0_prev2.float()
+    y_prev = y_prev + sigma * noise.float()
+    return y_prev.to(y_t.dtype), x0.to(y_t.dtype)
+
+
+def _multistep_op_args(y_t, eps, coefs, noise, clip, past):
+    """The positional arguments of torch.ops.sr3fast.reverse_step_multistep for `past`."""
+    return (y_t, eps, coefs, past["x0_prev"], noise, clip, None, past.get("x0_prev2"))
 
 
 # x0_prev's dtype besides y_t's own: float32 (read as is), and the other reduced type (converted)
 OTHER_DTYPE = {torch.float32: torch.bfloat16, torch.bfloat16: torch.float16,
                torch.float16: torch.bfloat16}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
+@pytest.mark.parametrize("depth", DEPTHS)
+def test_opcheck_reverse_step_multistep(depth, channels_last, device):
+    y_t, eps, coefs, noise, past = multistep_inputs(device, channels_last=channels_last,
+                                                    depth=depth)
+    op = torch.ops.sr3fast.reverse_step_multistep.default
+    torch.library.opcheck(op, _multistep_op_args(y_t, eps, coefs, noise, 1.0, past))
+    in_float = {name: t.float() for name, t in past.items()}  # histories in float32
+    torch.library.opcheck(op, _multistep_op_args(y_t, eps, coefs, noise, None, in_float))
+    # Drawn noise differs between calls, so only the checks that do not compare two runs' values.
+    torch.library.opcheck(op, _multistep_op_args(y_t, eps, coefs, None, None, past),
+                          test_utils=("test_schema", "test_faketensor"))
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -526,64 +573,78 @@ OTHER_DTYPE = {torch.float32: torch.bfloat16, torch.bfloat16: torch.float16,
 @pytest.mark.parametrize("history", ["same", "float32", "other"])
 @pytest.mark.parametrize("shape", [(3, 3, 9, 7), (2, 4, 16, 16), (1, 1, 1, 1), (2, 3, 96, 64)],
                          ids=["odd", "aligned", "1x1", "multi_task"])
-def test_reverse_step_multistep_with_given_noise_is_exact(shape, history, dtype, channels_last,
-                                                          clip, device):
-    """Same float32 operations in the same order as the reference, ((m0·x0 + m1·y) + m2·x0_prev)
-    + sigma·z: y_prev and x0 equal bit for bit, in y_t's dtype and layout. Each sample has its
-    own coefficients; multi_task spans several CPU tasks per sample (vector body and tail)."""
+@pytest.mark.parametrize("depth", DEPTHS)
+def test_reverse_step_multistep_with_given_noise_is_exact(depth, shape, history, dtype,
+                                                          channels_last, clip, device):
+    """Same float32 operations in the same order as the contract, (((m0·x0 + m1·y) + m2·x0_prev)
+    [+ m3·x0_prev2]) + sigma·z: y_prev and x0 equal bit for bit, in y_t's dtype and layout, to the
+    formula written out here and (one history) to sr3fast.reference. Each sample has its own
+    coefficients; multi_task spans several CPU tasks per sample (vector body and tail)."""
     x0_prev_dtype = {"same": dtype, "float32": torch.float32, "other": OTHER_DTYPE[dtype]}[history]
-    y_t, eps, coefs, noise, x0_prev = multistep_inputs(device, dtype, shape, channels_last,
-                                                       x0_prev_dtype=x0_prev_dtype)
-    y_prev, x0 = reverse_step(y_t, eps, coefs, noise, clip, x0_prev=x0_prev)
-    want_y, want_x0 = reference.reverse_step(y_t, eps, coefs, noise, clip, x0_prev=x0_prev)
-    report("reverse_step_multistep y_prev", y_prev, want_y)
+    y_t, eps, coefs, noise, past = multistep_inputs(device, dtype, shape, channels_last,
+                                                    x0_prev_dtype=x0_prev_dtype, depth=depth)
+    y_prev, x0 = reverse_step(y_t, eps, coefs, noise, clip, **past)
+    want_y, want_x0 = _expected_multistep(y_t, eps, coefs, noise, clip, **past)
+    report(f"reverse_step_multistep history {depth} y_prev", y_prev, want_y)
     for got, want in ((y_prev, want_y), (x0, want_x0)):
         assert got.dtype == dtype and got.stride() == y_t.stride()
         assert torch.equal(got, want)
-    if y_t.numel() > 1:  # the history term counts: without it (m2 = 0) the result is another one
-        zero_m2 = torch.cat([coefs[:, :5], torch.zeros_like(coefs[:, 5:])], dim=1)
-        without = reverse_step(y_t, eps, zero_m2, noise, clip, x0_prev=x0_prev)[0]
-        assert not torch.equal(without, y_prev)
+    if depth == 1:
+        want_y, want_x0 = reference.reverse_step(y_t, eps, coefs, noise, clip, **past)
+        assert torch.equal(y_prev, want_y) and torch.equal(x0, want_x0)
+    if y_t.numel() > 1:  # the deepest history term counts: without it the result is another one
+        column = 4 + depth
+        zeroed = coefs.clone()
+        zeroed[:, column] = 0
+        assert not torch.equal(reverse_step(y_t, eps, zeroed, noise, clip, **past)[0], y_prev)
     if clip is not None:  # the clamp was active for some elements, or the test proves nothing
         assert (x0.float().abs() == clip).any()
 
 
-def _expected_multistep(y_t, eps, coefs, noise, clip, x0_prev):
-    """The contract's formula written out in float32, in its order of operations, independent of
-    sr3fast.reference (a cross-check of the reference the exact tests above compare with)."""
-    c = coefs.reshape(coefs.shape[0], 6, *([1] * (y_t.dim() - 1))).unbind(dim=1)
-    a, b, m0, m1, sigma, m2 = c
-    y = y_t.float()
-    x0 = a * y - b * eps.float()
-    if clip is not None:
-        x0 = torch.clamp(x0, -clip, clip)
-    first = m0 * x0
-    second = m1 * y
-    history = m2 * x0_prev.float()
-    noise_term = sigma * noise.float()
-    y_prev = ((first + second) + history) + noise_term
-    return y_prev.to(y_t.dtype), x0.to(y_t.dtype)
+@pytest.mark.parametrize("device", DEVICES)
+def test_reverse_step_multistep_two_histories_in_their_places_and_order(device):
+    """The bit-exact comparison above tells the contract from its near misses: m3 weighting
+    x0_prev instead of x0_prev2, the histories swapped, or the same terms summed in another order
+    (the history terms first, or FMA-like: all in float64 then rounded once). Each would end
+    elsewhere for some element of a float32 step of this size."""
+    y_t, eps, coefs, noise, past = multistep_inputs(device, shape=(2, 3, 96, 64), depth=2)
+    got = reverse_step(y_t, eps, coefs, noise, 1.0, **past)[0]
+    assert torch.equal(got, _expected_multistep(y_t, eps, coefs, noise, 1.0, **past)[0])
+    x0_prev, x0_prev2 = past["x0_prev"], past["x0_prev2"]
+    misplaced = _expected_multistep(y_t, eps, coefs, noise, 1.0, x0_prev, x0_prev)[0]
+    swapped = _expected_multistep(y_t, eps, coefs, noise, 1.0, x0_prev2, x0_prev)[0]
+    a, b, m0, m1, sigma, m2, m3 = coefs.reshape(2, 7, 1, 1, 1).unbind(dim=1)
+    x0 = (a * y_t - b * eps).clamp(-1, 1)
+    histories_first = (m0 * x0 + m1 * y_t) + (m2 * x0_prev + m3 * x0_prev2) + sigma * noise
+    d = {name: t.double() for name, t in dict(a=a, b=b, m0=m0, m1=m1, sigma=sigma, m2=m2, m3=m3,
+                                             x0=x0, y=y_t, h1=x0_prev, h2=x0_prev2,
+                                             z=noise).items()}
+    rounded_once = (d["m0"] * d["x0"] + d["m1"] * d["y"] + d["m2"] * d["h1"] + d["m3"] * d["h2"]
+                    + d["sigma"] * d["z"]).float()
+    for name, wrong in (("m3 on x0_prev", misplaced), ("swapped", swapped),
+                        ("histories first", histories_first), ("rounded once", rounded_once)):
+        assert not torch.equal(got, wrong), name
+    # ... while the reorderings are the same update up to float32 rounding: each side's float32
+    # products and partial sums (9 roundings at most) err by at most eps32/2 of a value bounded
+    # by scale, the sum of the terms' magnitudes: |difference| <= 9 eps32 · scale.
+    scale = (d["m0"] * d["x0"]).abs() + (d["m1"] * d["y"]).abs() + (d["m2"] * d["h1"]).abs() + \
+        (d["m3"] * d["h2"]).abs() + (d["sigma"] * d["z"]).abs()
+    bound = 9 * torch.finfo(torch.float32).eps * scale
+    assert ((histories_first.double() - got.double()).abs() <= bound).all()
+    assert ((rounded_once.double() - got.double()).abs() <= bound).all()
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_reverse_step_multistep_is_the_written_out_formula(dtype, device):
-    y_t, eps, coefs, noise, x0_prev = multistep_inputs(device, dtype, (2, 3, 11, 13),
-                                                       x0_prev_dtype=torch.float32)
-    got = reverse_step(y_t, eps, coefs, noise, 1.0, x0_prev=x0_prev)
-    want = _expected_multistep(y_t, eps, coefs, noise, 1.0, x0_prev)
-    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
-
-
-@pytest.mark.parametrize("device", DEVICES)
-def test_reverse_step_multistep_mixed_dtypes_are_exact(device):
-    """bf16 y_t with float32 eps, noise and history in every combination (separate kernels)."""
-    y_t, eps, coefs, noise, x0_prev = multistep_inputs(device, torch.bfloat16)
+@pytest.mark.parametrize("depth", DEPTHS)
+def test_reverse_step_multistep_mixed_dtypes_are_exact(depth, device):
+    """bf16 y_t with float32 eps, noise and histories in every combination (separate kernels);
+    the two histories always share a dtype."""
+    y_t, eps, coefs, noise, past = multistep_inputs(device, torch.bfloat16, depth=depth)
     for e in (eps, eps.float()):
         for n in (noise, noise.float()):
-            for h in (x0_prev, x0_prev.float()):
-                got = reverse_step(y_t, e, coefs, n, 1.0, x0_prev=h)
-                want = reference.reverse_step(y_t, e, coefs, n, 1.0, x0_prev=h)
+            for h in (past, {name: t.float() for name, t in past.items()}):
+                got = reverse_step(y_t, e, coefs, n, 1.0, **h)
+                want = _expected_multistep(y_t, e, coefs, n, 1.0, **h)
                 assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
@@ -592,9 +653,9 @@ def test_reverse_step_multistep_mixed_dtypes_are_exact(device):
 def test_reverse_step_multistep_with_m2_zero_is_the_single_step(clip, device):
     """m2 = 0: the history is not seen (whatever x0_prev holds) and y_prev is the single-step
     op's; x0 is the clamped estimate the single-step op used."""
-    y_t, eps, coefs, noise, x0_prev = multistep_inputs(device)
+    y_t, eps, coefs, noise, past = multistep_inputs(device)
     coefs[:, 5] = 0
-    y_prev, x0 = reverse_step(y_t, eps, coefs, noise, clip, x0_prev=x0_prev)
+    y_prev, x0 = reverse_step(y_t, eps, coefs, noise, clip, **past)
     assert torch.equal(y_prev, reverse_step(y_t, eps, coefs, noise, clip))
     a, b = coefs[:, 0].reshape(-1, 1, 1, 1), coefs[:, 1].reshape(-1, 1, 1, 1)
     estimate = a * y_t - b * eps
@@ -602,67 +663,102 @@ def test_reverse_step_multistep_with_m2_zero_is_the_single_step(clip, device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_reverse_step_takes_six_column_coefs(device):
-    """The single-step op reads columns 0..4 of a (B, 6) table (m2 unread), strided or not."""
+def test_reverse_step_multistep_with_m3_zero_is_one_history(device):
+    """m3 = 0: x0_prev2 is not seen and the result is the one-history op's; and one history reads
+    m2 from a (B, 6) table as from the (B, 7) one, m3 unread."""
+    y_t, eps, coefs, noise, past = multistep_inputs(device, depth=2)
+    one = reverse_step(y_t, eps, coefs, noise, 1.0, x0_prev=past["x0_prev"])
+    assert torch.equal(reverse_step(y_t, eps, coefs[:, :6], noise, 1.0,
+                                    x0_prev=past["x0_prev"])[0], one[0])
+    coefs[:, 6] = 0
+    two = reverse_step(y_t, eps, coefs, noise, 1.0, **past)
+    assert torch.equal(two[0], one[0]) and torch.equal(two[1], one[1])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_reverse_step_takes_six_and_seven_column_coefs(device):
+    """The single-step op reads columns 0..4 of a (B, 6) or (B, 7) table (m2, m3 unread), strided
+    or not."""
     y_t, eps, coefs, noise, _ = multistep_inputs(device)
     want = reverse_step(y_t, eps, coefs[:, :5].contiguous(), noise, 1.0)
-    assert torch.equal(reverse_step(y_t, eps, coefs, noise, 1.0), want)
+    for width in (6, 7):
+        assert torch.equal(reverse_step(y_t, eps, coefs[:, :width].contiguous(), noise, 1.0), want)
+        assert torch.equal(reverse_step(y_t, eps, coefs[:, :width], noise, 1.0), want)
     assert torch.equal(reverse_step(y_t, eps, coefs[:, :5], noise, 1.0), want)  # a strided view
-    assert torch.equal(reference.reverse_step(y_t, eps, coefs, noise, 1.0), want)
+    assert torch.equal(reference.reverse_step(y_t, eps, coefs[:, :6], noise, 1.0), want)
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels_last"])
-def test_reverse_step_multistep_draws_the_single_step_ops_noise(channels_last, device):
-    """Without noise, both ops draw the same z for the same generator state (CPU: torch.randn's
-    stream, like the reference; CUDA: the same Philox scheme). z is read off the single-step op
-    with coefs (0, 0, 0, 0, 1), which returns it unchanged."""
+@pytest.mark.parametrize("depth", DEPTHS)
+def test_reverse_step_multistep_draws_the_single_step_ops_noise(depth, channels_last, device):
+    """Without noise, the ops draw the same z for the same generator state at every history depth
+    (CPU: torch.randn's stream, like the reference; CUDA: the same Philox scheme). z is read off
+    the single-step op with coefs (0, 0, 0, 0, 1), which returns it unchanged."""
     shape = (2, 3, 17, 9)  # odd: CUDA's element-wise path as well as the packed one below
     for size in (shape, (2, 4, 16, 16)):
-        y_t, eps, coefs, _, x0_prev = multistep_inputs(device, shape=size,
-                                                       channels_last=channels_last)
+        y_t, eps, coefs, _, past = multistep_inputs(device, shape=size,
+                                                    channels_last=channels_last, depth=depth)
         unit = torch.tensor([[0.0, 0.0, 0.0, 0.0, 1.0]] * size[0], device=device)
         z = reverse_step(y_t, eps, unit, generator=torch.Generator(device).manual_seed(11))
         drawn = reverse_step(y_t, eps, coefs, None, 1.0,
-                             generator=torch.Generator(device).manual_seed(11), x0_prev=x0_prev)
-        given = reverse_step(y_t, eps, coefs, z, 1.0, x0_prev=x0_prev)
+                             generator=torch.Generator(device).manual_seed(11), **past)
+        given = reverse_step(y_t, eps, coefs, z, 1.0, **past)
         assert torch.equal(drawn[0], given[0]) and torch.equal(drawn[1], given[1])
         assert z.std() > 0.5  # z is noise, not zeros
         other = reverse_step(y_t, eps, coefs, None, 1.0,
-                             generator=torch.Generator(device).manual_seed(12), x0_prev=x0_prev)
+                             generator=torch.Generator(device).manual_seed(12), **past)
         assert not torch.equal(other[0], drawn[0]) and torch.equal(other[1], drawn[1])
 
 
 def test_reverse_step_multistep_cpu_draws_noise_like_the_reference():
-    y_t, eps, coefs, _, x0_prev = multistep_inputs("cpu", channels_last=True)
-    got = reverse_step(y_t, eps, coefs, None, 1.0, torch.Generator().manual_seed(7), x0_prev)
+    y_t, eps, coefs, _, past = multistep_inputs("cpu", channels_last=True)
+    got = reverse_step(y_t, eps, coefs, None, 1.0, torch.Generator().manual_seed(7), **past)
     want = reference.reverse_step(y_t, eps, coefs, None, 1.0, torch.Generator().manual_seed(7),
-                                  x0_prev)
+                                  **past)
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_reverse_step_multistep_errors_say_what_is_wrong(device):
-    y_t, eps, coefs, noise, x0_prev = multistep_inputs(device)
+    y_t, eps, coefs, noise, past = multistep_inputs(device, depth=2)
+    x0_prev, x0_prev2 = past["x0_prev"], past["x0_prev2"]
     op = torch.ops.sr3fast.reverse_step_multistep
     with pytest.raises(RuntimeError, match=r"reverse_step_multistep: coefs must be a float32 "
-                                           r"tensor of shape \(3, 6\) holding \(a, b, m0, m1, sigma, m2\)"):
+                                           r"tensor of shape \(3, 6\) or \(3, 7\) holding "
+                                           r"\(a, b, m0, m1, sigma, m2\[, m3\]\)"):
         op(y_t, eps, coefs[:, :5], x0_prev)
-    with pytest.raises(RuntimeError, match=r"coefs must be a float32 tensor of shape \(3, 5\) or "
-                                           r"\(3, 6\)"):
-        torch.ops.sr3fast.reverse_step(y_t, eps, torch.zeros(3, 7, device=device))
+    with pytest.raises(RuntimeError, match=r"reverse_step_multistep: coefs must be a float32 "
+                                           r"tensor of shape \(3, 7\) holding "
+                                           r"\(a, b, m0, m1, sigma, m2, m3\).*the second history "
+                                           r"x0_prev2 is weighted by m3, the 7th column"):
+        op(y_t, eps, coefs[:, :6], x0_prev, x0_prev2=x0_prev2)
+    with pytest.raises(RuntimeError, match=r"coefs must be a float32 tensor of shape \(3, 5\), "
+                                           r"\(3, 6\) or \(3, 7\)"):
+        torch.ops.sr3fast.reverse_step(y_t, eps, torch.zeros(3, 8, device=device))
+    with pytest.raises(RuntimeError, match=r"coefs must be a float32 tensor of shape \(3, 6\) or "
+                                           r"\(3, 7\)"):
+        op(y_t, eps, torch.zeros(3, 8, device=device), x0_prev)
     with pytest.raises(RuntimeError, match="reverse_step_multistep: x0_prev must match y_t"):
         op(y_t, eps, coefs, x0_prev[:1])
+    with pytest.raises(RuntimeError, match="reverse_step_multistep: x0_prev2 must match y_t"):
+        op(y_t, eps, coefs, x0_prev, x0_prev2=x0_prev2[:1])
     with pytest.raises(RuntimeError, match="x0_prev must be floating point"):
         op(y_t, eps, coefs, x0_prev.to(torch.int32))
+    with pytest.raises(RuntimeError, match=r"x0_prev2 must have x0_prev's dtype, got BFloat16 and "
+                                           r"Float; convert one of them"):
+        op(y_t, eps, coefs, x0_prev, x0_prev2=x0_prev2.bfloat16())
     with pytest.raises(RuntimeError, match="reverse_step_multistep: clip must be positive"):
         op(y_t, eps, coefs, x0_prev, noise, -1.0)
+    with pytest.raises(ValueError, match="x0_prev2 .* needs x0_prev"):
+        reverse_step(y_t, eps, coefs, noise, x0_prev2=x0_prev2)
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_reverse_step_multistep_empty_batch(device):
-    y_t, eps, coefs, noise, x0_prev = multistep_inputs(device, shape=(2, 3, 0, 4))
-    y_prev, x0 = reverse_step(y_t, eps, coefs, noise, 1.0, x0_prev=x0_prev)
+@pytest.mark.parametrize("depth", DEPTHS)
+def test_reverse_step_multistep_empty_batch(depth, device):
+    y_t, eps, coefs, noise, past = multistep_inputs(device, shape=(2, 3, 0, 4), depth=depth)
+    y_prev, x0 = reverse_step(y_t, eps, coefs, noise, 1.0, **past)
     assert y_prev.shape == x0.shape == y_t.shape
 
 
@@ -698,23 +794,28 @@ def _loop_tables(sampler, batch=2, steps=7, device="cpu"):
 
 
 def _random_multistep_tables(batch=3, steps=6, seed=4, device="cpu"):
-    """(T, B, 6) coefficients different per sample and step in SR3's ranges, m2 in [-1, 0] with
-    m2 = 0 at the first step, sigma = 0 at the last; and (T, B) noise levels."""
+    """(T, B, 7) coefficients different per sample and step in SR3's ranges, m2 in [-1, 0] and m3
+    in [0, 1], as the 3M tables have them: m2 = 0 at the first step, m3 = 0 at the first two
+    (no history yet), sigma = 0 at the last; and (T, B) noise levels."""
     g = torch.Generator().manual_seed(seed)
-    lo = torch.tensor([1.0, 0.0, 0.0, 0.0, 0.0, -1.0])
-    hi = torch.tensor([3.0, 2.0, 1.0, 1.0, 0.5, 0.0])
-    coefs = lo + (hi - lo) * torch.rand(steps, batch, 6, generator=g)
+    lo = torch.tensor([1.0, 0.0, 0.0, 0.0, 0.0, -1.0, 0.0])
+    hi = torch.tensor([3.0, 2.0, 1.0, 1.0, 0.5, 0.0, 1.0])
+    coefs = lo + (hi - lo) * torch.rand(steps, batch, 7, generator=g)
     coefs[0, :, 5] = 0
+    coefs[:2, :, 6] = 0
     coefs[-1, :, 4] = 0
     return coefs.to(device), torch.rand(steps, batch, generator=g).to(device)
 
 
-def _python_multistep_loop(denoise, x, y_T, coefs, gammas, clip, stochastic, generator):
-    """The multistep loop written out over the reference: x0_prev = 0, then each step
-    y, x0_prev = reverse_step(y, eps, coefs[i], z, clip, x0_prev=x0_prev), z ~ N(0, I) from
-    generator (zeros on the last step and when not stochastic)."""
+def _python_multistep_loop(denoise, x, y_T, coefs, gammas, clip, stochastic, generator, history,
+                           mistake=None):
+    """The multistep loop written out over the contract's formula (_expected_multistep):
+    x0_prev = x0_prev2 = 0, then each step y, x0 = step(y, eps, coefs[i], z, clip, x0_prev
+    [, x0_prev2]) and the histories shift back one step; z ~ N(0, I) from generator (zeros on the
+    last step and when not stochastic). mistake: "no_shift" keeps x0_prev2 at zeros, "m3_on_x0_prev"
+    weights x0_prev by m3 too: loops a test must tell from the right one."""
     y = y_T.float().clone()
-    x0_prev = torch.zeros_like(y)
+    x0_prev = x0_prev2 = torch.zeros_like(y)
     steps = coefs.shape[0]
     for i in range(steps):
         eps = denoise(x, y.to(x.dtype), gammas[i])
@@ -722,100 +823,140 @@ def _python_multistep_loop(denoise, x, y_T, coefs, gammas, clip, stochastic, gen
             z = torch.randn(y.shape, generator=generator, device=y.device, dtype=torch.float32)
         else:
             z = torch.zeros_like(y)
-        y, x0_prev = reference.reverse_step(y, eps.float(), coefs[i], z, clip, x0_prev=x0_prev)
+        older = None
+        if history == 2:
+            older = x0_prev if mistake == "m3_on_x0_prev" else x0_prev2
+        y, x0 = _expected_multistep(y, eps.float(), coefs[i], z, clip, x0_prev, older)
+        if mistake != "no_shift":
+            x0_prev2 = x0_prev
+        x0_prev = x0
     return y
 
 
-def _cpp_loop(x, y_T, coefs, gammas, clip, stochastic, kernel_noise, seed, multistep,
+def _cpp_loop(x, y_T, coefs, gammas, clip, stochastic, kernel_noise, seed, history,
               callback=None):
     generator = torch.Generator(x.device).manual_seed(seed)
     return sr3fast._C.sample(_stand_in_denoiser, x, y_T, coefs, gammas, clip, stochastic,
-                             kernel_noise, generator, callback, multistep)
+                             kernel_noise, generator, callback, history)
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("tables", ["dpmpp_2m", "dpmpp_2m_sde", "random"])
+@pytest.mark.parametrize("tables", ["dpmpp_2m", "dpmpp_2m_sde", "random1", "random2"])
 @pytest.mark.parametrize("clip", [None, 1.0], ids=["no_clip", "clip"])
-def test_cpp_loop_multistep_matches_a_python_loop_over_the_reference(clip, tables, device):
-    """multistep=True: x0 carried from step to step from zeros, each step the multistep op; with
-    noise="torch" the Python loop over sr3fast.reference with the same tables, generator and
-    stand-in denoiser gives the same y_0 bit for bit. On a CPU the in-kernel noise (drawn like
-    the reference) agrees too."""
+def test_cpp_loop_multistep_matches_a_written_out_python_loop(clip, tables, device):
+    """history 1 or 2: x0 carried from step to step from zeros, each step the multistep op with
+    the histories shifting back; with noise="torch" the Python loop over the contract's formula
+    with the same tables, generator and stand-in denoiser gives the same y_0 bit for bit. On a
+    CPU the in-kernel noise (drawn like the reference) agrees too. The loop's mistakes (the
+    history not shifted, x0_prev weighted by m3) end elsewhere."""
     gen = torch.Generator().manual_seed(9)
     x = (torch.rand(3, 3, 6, 5, generator=gen) * 2 - 1).to(device)
     y_T = torch.randn(x.shape, generator=gen).to(device)
-    if tables == "random":
+    if tables.startswith("random"):
+        history = int(tables[-1])
         coefs, gammas = _random_multistep_tables(batch=3, device=device)
     else:
+        history = 1
         coefs, gammas = _loop_tables(tables, batch=3, device=device)
     stochastic = bool((coefs[:, :, 4] != 0).any())
     assert (coefs[1:, :, 5] != 0).any()  # a multistep table: the history term is used
     steps = []
-    got = _cpp_loop(x, y_T, coefs, gammas, clip, stochastic, False, 5, True,
+    got = _cpp_loop(x, y_T, coefs, gammas, clip, stochastic, False, 5, history,
                     callback=lambda i, y: steps.append(i))
-    want = _python_multistep_loop(_stand_in_denoiser, x, y_T, coefs, gammas, clip, stochastic,
-                                  torch.Generator(device).manual_seed(5))
+
+    def python_loop(history, mistake=None):
+        return _python_multistep_loop(_stand_in_denoiser, x, y_T, coefs, gammas, clip, stochastic,
+                                      torch.Generator(device).manual_seed(5), history, mistake)
+
+    want = python_loop(history)
     report(f"cpp multistep loop {tables}", got, want)
     assert got.dtype == torch.float32 and torch.equal(got, want)
     assert steps == list(range(coefs.shape[0]))
     if device == "cpu":
-        assert torch.equal(_cpp_loop(x, y_T, coefs, gammas, clip, stochastic, True, 5, True), want)
-    # the history matters: the single-step loop over the same table ends elsewhere
-    assert not torch.equal(_cpp_loop(x, y_T, coefs, gammas, clip, stochastic, False, 5, False), got)
+        assert torch.equal(_cpp_loop(x, y_T, coefs, gammas, clip, stochastic, True, 5, history),
+                           want)
+    # every history matters: one fewer ends elsewhere, and so do the loop's possible mistakes
+    assert not torch.equal(_cpp_loop(x, y_T, coefs, gammas, clip, stochastic, False, 5,
+                                     history - 1), got)
+    if history == 2:
+        for mistake in ("no_shift", "m3_on_x0_prev"):
+            assert not torch.equal(python_loop(2, mistake), got), mistake
 
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kernel_noise", [False, True], ids=["torch_noise", "kernel_noise"])
-def test_cpp_loop_multistep_with_m2_zero_is_the_single_step_loop(kernel_noise, device):
-    """All m2 = 0: multistep=True gives multistep=False's y_0 bit for bit (same noise draws, the
-    history term adds nothing), with either noise source; and the single-step loop reads a
-    (T, B, 6) table as its older (T, B, 5) form."""
+def test_cpp_loop_with_zero_history_columns_is_the_shallower_loop(kernel_noise, device):
+    """All m2 = 0: history 1 gives history 0's y_0 bit for bit (same noise draws, the history term
+    adds nothing), with either noise source; all m3 = 0: history 2 gives history 1's. And the
+    loops read the older narrower tables as their 7-column form where they do not reach the
+    missing columns."""
     gen = torch.Generator().manual_seed(10)
     x = (torch.rand(2, 3, 7, 4, generator=gen) * 2 - 1).to(device)
     y_T = torch.randn(x.shape, generator=gen).to(device)
-    coefs, gammas = _loop_tables("posterior", device=device)
-    assert coefs.shape[-1] == 6 and (coefs[..., 5] == 0).all()
-    single = _cpp_loop(x, y_T, coefs, gammas, 1.0, True, kernel_noise, 3, False)
-    assert torch.equal(_cpp_loop(x, y_T, coefs, gammas, 1.0, True, kernel_noise, 3, True), single)
-    narrow = coefs[..., :5].contiguous()
-    assert torch.equal(_cpp_loop(x, y_T, narrow, gammas, 1.0, True, kernel_noise, 3, False), single)
+    coefs, gammas = _random_multistep_tables(batch=2, steps=7, device=device)
+
+    def loop(table, history):
+        return _cpp_loop(x, y_T, table.contiguous(), gammas, 1.0, True, kernel_noise, 3, history)
+
+    no_m3 = torch.cat([coefs[..., :6], torch.zeros_like(coefs[..., 6:])], dim=-1)
+    one = loop(coefs, 1)
+    assert torch.equal(loop(no_m3, 2), one)
+    assert torch.equal(loop(coefs[..., :6], 1), one)
+    no_m2 = torch.cat([coefs[..., :5], torch.zeros_like(coefs[..., 5:])], dim=-1)
+    single = loop(coefs, 0)
+    assert torch.equal(loop(no_m2, 1), single)
+    assert torch.equal(loop(coefs[..., :5], 0), single)
+    assert torch.equal(loop(coefs[..., :6], 0), single)
 
 
-def test_cpp_loop_multistep_needs_the_m2_column():
+def test_cpp_loop_needs_the_columns_its_history_reads():
     x = torch.zeros(2, 3, 4, 4)
-    coefs, gammas = _loop_tables("dpmpp_2m")
-    with pytest.raises(RuntimeError, match=r"coefs must be the \(T, 2, 6\) float32 table.*"
-                                           r"multistep loop reads its m2 column"):
-        _cpp_loop(x, x, coefs[..., :5].contiguous(), gammas, None, False, False, 0, True)
-    with pytest.raises(RuntimeError, match=r"coefs must be the \(T, 2, 6\) float32 table"):
-        _cpp_loop(x, x, coefs[..., :4].contiguous(), gammas, None, False, False, 0, False)
+    coefs, gammas = _random_multistep_tables(batch=2)
+    with pytest.raises(RuntimeError, match=r"coefs must be the \(T, 2, 7\) float32 table.*"
+                                           r"a loop with history 1 reads its m2 column"):
+        _cpp_loop(x, x, coefs[..., :5].contiguous(), gammas, None, False, False, 0, 1)
+    with pytest.raises(RuntimeError, match=r"coefs must be the \(T, 2, 7\) float32 table.*"
+                                           r"a loop with history 2 reads its m2 and m3 columns"):
+        _cpp_loop(x, x, coefs[..., :6].contiguous(), gammas, None, False, False, 0, 2)
+    with pytest.raises(RuntimeError, match=r"coefs must be the \(T, 2, 7\) float32 table"):
+        _cpp_loop(x, x, coefs[..., :4].contiguous(), gammas, None, False, False, 0, 0)
+    with pytest.raises(RuntimeError, match=r"history must be 0 \(single-step samplers\), 1 "
+                                           r"\(DPM-Solver\+\+ 2M\) or 2 \(3M\).*got 3"):
+        _cpp_loop(x, x, coefs, gammas, None, False, False, 0, 3)
 
 
-def test_cpp_loop_multistep_defaults_to_off():
-    """Callers from before the multistep option (ten arguments) run the single-step loop."""
+def test_cpp_loop_history_defaults_to_none():
+    """Callers from before the history option (ten arguments) run the single-step loop; the
+    keyword is `history`."""
     gen = torch.Generator().manual_seed(12)
     x = torch.rand(2, 3, 4, 4, generator=gen) * 2 - 1
     coefs, gammas = _random_multistep_tables(batch=2)
     old = sr3fast._C.sample(_stand_in_denoiser, x, x, coefs, gammas, None, False, False, None, None)
-    assert torch.equal(old, _cpp_loop(x, x, coefs, gammas, None, False, False, 0, False))
+    assert torch.equal(old, _cpp_loop(x, x, coefs, gammas, None, False, False, 0, 0))
+    two = sr3fast._C.sample(_stand_in_denoiser, x, x, coefs, gammas, None, False, False, None,
+                            None, history=2)
+    assert torch.equal(two, _cpp_loop(x, x, coefs, gammas, None, False, False, 0, 2))
 
 
-def test_save_sampling_inputs_records_multistep(tmp_path):
-    """What csrc/tools/sample.cpp reads: a 0-d bool "multistep" (true for sr3fast.diffusion's
-    MULTISTEP samplers), the 6-column table, and "stochastic" as the samplers decide it."""
-    from sr3fast.diffusion import MULTISTEP, NoiseSchedule, make_betas, respace
+def test_save_sampling_inputs_records_history(tmp_path):
+    """What csrc/tools/sample.cpp reads: a 0-d int64 "history" (sr3fast.diffusion's HISTORY,
+    0 for single-step samplers), the 0-d bool "multistep" (history > 0) that programs from before
+    it read, the coefficient table, and "stochastic" as the samplers decide it."""
+    from sr3fast.diffusion import NoiseSchedule, make_betas, respace
+    from sr3fast.diffusion.coefficients import HISTORY, SAMPLER_NAMES, is_stochastic
     from sr3fast.export import save_sampling_inputs
     schedule = respace(NoiseSchedule(make_betas("linear", 100, 1e-4, 2e-2)), 5)
     x = torch.zeros(1, 3, 4, 4)
-    expected = {"posterior": (False, True), "ddim": (False, False), "dpmpp_2m": (True, False),
-                "dpmpp_2m_sde": (True, True)}
-    assert MULTISTEP == {"dpmpp_2m", "dpmpp_2m_sde"}
-    for sampler, (multistep, stochastic) in expected.items():
+    assert HISTORY["dpmpp_2m"] == HISTORY["dpmpp_2m_sde"] == 1 and "posterior" not in HISTORY
+    for sampler in SAMPLER_NAMES:
         record = torch.load(save_sampling_inputs(tmp_path / f"{sampler}.pt", x, schedule, sampler))
+        history = HISTORY.get(sampler, 0)
+        assert record["history"].dtype == torch.int64 and record["history"].dim() == 0
+        assert record["history"].item() == history
         assert record["multistep"].dtype == torch.bool and record["multistep"].dim() == 0
-        assert record["multistep"].item() == multistep
-        assert record["stochastic"].item() == stochastic
-        assert record["coefs"].shape == (5, 1, 6)
+        assert record["multistep"].item() == (history > 0)
+        assert record["stochastic"].item() == is_stochastic(schedule, sampler)
+        assert record["coefs"].shape[:2] == (5, 1) and record["coefs"].shape[2] >= 5 + history
 
 
 # ---- the CMake build ---------------------------------------------------------------------------
@@ -920,13 +1061,14 @@ def aoti_denoiser(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("sampler", ["sr3", "posterior", "ddim", "dpmpp_2m", "dpmpp_2m_sde"])
+@pytest.mark.parametrize("sampler", ["sr3", "posterior", "ddim", "dpmpp_2m", "dpmpp_2m_sde",
+                                     "dpmpp_3m", "dpmpp_3m_sde"])
 def test_sample_aoti_matches_the_python_sampler(aoti_denoiser, sampler):
     """The C++ loop with the compiled denoiser reproduces sr3fast.diffusion's sampler exactly
-    (same tables, same noise draws, same fused step, the same x0 history for multistep ones)."""
-    from sr3fast.diffusion import (CLIP, MULTISTEP, SAMPLERS, NoiseSchedule, make_betas,
-                                   noise_levels, reverse_coefficients)
-    from sr3fast.diffusion.coefficients import is_stochastic
+    (same tables, same noise draws, same fused step, the same x0 histories for multistep ones)."""
+    from sr3fast.diffusion import (CLIP, SAMPLERS, NoiseSchedule, make_betas, noise_levels,
+                                   reverse_coefficients)
+    from sr3fast.diffusion.coefficients import HISTORY, is_stochastic
     from sr3fast.ops.extension.sampler import sample_aoti
     path, x, model = aoti_denoiser
     schedule = NoiseSchedule(make_betas("linear", 12, 1e-4, 2e-2))
@@ -936,7 +1078,7 @@ def test_sample_aoti_matches_the_python_sampler(aoti_denoiser, sampler):
     want = SAMPLERS[sampler](model, x, schedule, y_T=y_T,
                              generator=torch.Generator().manual_seed(3))
     options = dict(clip=CLIP[sampler], stochastic=is_stochastic(schedule, sampler),
-                   multistep=sampler in MULTISTEP)
+                   history=HISTORY.get(sampler, 0))
     got = sample_aoti(path, x, y_T, coefs, gammas, generator=torch.Generator().manual_seed(3),
                       **options)
     report(f"sample_aoti {sampler}", got, want)
@@ -955,10 +1097,13 @@ def test_sample_aoti_registration_and_errors(aoti_denoiser):
     gammas = torch.rand(4, 2)
     torch.library.opcheck(torch.ops.sr3fast.sample_aoti.default, (path, x, x, coefs, gammas),
                           test_utils=("test_schema", "test_faketensor"))
-    wide = torch.cat([coefs, torch.zeros(4, 2, 1)], dim=2)
-    torch.library.opcheck(torch.ops.sr3fast.sample_aoti.default, (path, x, x, wide, gammas),
-                          {"multistep": True}, test_utils=("test_schema", "test_faketensor"))
-    with pytest.raises(RuntimeError, match="a multistep loop reads its m2 column"):
-        torch.ops.sr3fast.sample_aoti(path, x, x, coefs, gammas, multistep=True)
+    for history in (1, 2):
+        wide = torch.cat([coefs, torch.zeros(4, 2, history)], dim=2)
+        torch.library.opcheck(torch.ops.sr3fast.sample_aoti.default, (path, x, x, wide, gammas),
+                              {"history": history}, test_utils=("test_schema", "test_faketensor"))
+    with pytest.raises(RuntimeError, match="a loop with history 1 reads its m2 column"):
+        torch.ops.sr3fast.sample_aoti(path, x, x, coefs, gammas, history=1)
+    with pytest.raises(ValueError, match="history must be 0, 1 or 2"):
+        sr3fast.ops.extension.sampler.sample_aoti(path, x, x, coefs, gammas, history=True)
     with pytest.raises(RuntimeError, match=r"gammas must be the \(T, 2\) float32 table"):
         torch.ops.sr3fast.sample_aoti(path, x, x, coefs, gammas[:3])

@@ -26,7 +26,7 @@ using ReverseStep = at::Tensor(const at::Tensor&, const at::Tensor&, const at::T
                                std::optional<at::Generator>);
 using ReverseStepMultistep = std::tuple<at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&, const Optional&,
-    std::optional<double>, std::optional<at::Generator>);
+    std::optional<double>, std::optional<at::Generator>, const Optional&);
 
 template <typename Signature>
 c10::TypedOperatorHandle<Signature> op(const char* name) {
@@ -168,24 +168,27 @@ void check_reverse_step(const at::Device& device) {
                out.flatten(1), want, 0.0);
 }
 
-// The multistep op against the same loop with the history term, in the reference's order
-// ((m0*x0 + m1*y) + m2*x0_prev) + sigma*z; its x0 output is the clamped estimate.
-void check_reverse_step_multistep(const at::Device& device) {
+// The multistep op with `history` (1 or 2) past x0 estimates against the same loop written out, in
+// the reference's order (((m0*x0 + m1*y) + m2*x0_prev) [+ m3*x0_prev2]) + sigma*z; its x0 output
+// is the clamped estimate. coefs always has 7 columns, m3 nonzero: with one history it is unread.
+void check_reverse_step_multistep(const at::Device& device, int history) {
   const auto options = at::TensorOptions().device(device);
   at::manual_seed(3);
   const auto y_t = at::randn({3, 3, 5, 7}, options), eps = at::randn({3, 3, 5, 7}, options);
   const auto noise = at::randn({3, 3, 5, 7}, options), x0_prev = at::randn({3, 3, 5, 7}, options);
-  const auto coefs = at::rand({3, 6}, options).add(0.5);
+  const auto x0_prev2 = at::randn({3, 3, 5, 7}, options);
+  const auto coefs = at::rand({3, 7}, options).add(0.5);
   const float clip = 1.f;
   const auto [out, x0] =
       op<ReverseStepMultistep>("sr3fast::reverse_step_multistep")
-          .call(y_t, eps, coefs, x0_prev, noise, static_cast<double>(clip), std::nullopt);
+          .call(y_t, eps, coefs, x0_prev, noise, static_cast<double>(clip), std::nullopt,
+                history == 2 ? Optional(x0_prev2) : std::nullopt);
   const auto flat = [](const at::Tensor& t) { return t.cpu().contiguous().flatten(1); };
   const auto y_flat = flat(y_t), e_flat = flat(eps), z_flat = flat(noise), k_flat = flat(coefs);
-  const auto p_flat = flat(x0_prev);
+  const auto p_flat = flat(x0_prev), p2_flat = flat(x0_prev2);
   const auto y = y_flat.accessor<float, 2>(), e = e_flat.accessor<float, 2>();
   const auto z = z_flat.accessor<float, 2>(), k = k_flat.accessor<float, 2>();
-  const auto prev = p_flat.accessor<float, 2>();
+  const auto prev = p_flat.accessor<float, 2>(), prev2 = p2_flat.accessor<float, 2>();
   auto want = at::empty_like(y_flat), want_x0 = at::empty_like(y_flat);
   auto result = want.accessor<float, 2>();
   auto result_x0 = want_x0.accessor<float, 2>();
@@ -195,16 +198,31 @@ void check_reverse_step_multistep(const at::Device& device) {
       volatile float ay = k[b][0] * y[b][i], be = k[b][1] * e[b][i];
       const float x0_value = std::fmin(std::fmax(ay - be, -clip), clip);
       volatile float first = k[b][2] * x0_value, second = k[b][3] * y[b][i];
-      volatile float history = k[b][5] * prev[b][i], third = k[b][4] * z[b][i];
+      volatile float older = k[b][5] * prev[b][i], oldest = k[b][6] * prev2[b][i];
+      volatile float third = k[b][4] * z[b][i];
       volatile float sum = first + second;
-      volatile float with_history = sum + history;
+      volatile float with_history = sum + older;
+      if (history == 2) {
+        with_history = with_history + oldest;
+      }
       result[b][i] = with_history + third;
       result_x0[b][i] = x0_value;
     }
   }
-  const std::string where = device.is_cuda() ? "cuda" : "cpu";
+  const std::string where = std::string(device.is_cuda() ? "cuda" : "cpu") + " history " +
+                            std::to_string(history);
   expect_close("reverse_step_multistep " + where + " (exact)", out.flatten(1), want, 0.0);
   expect_close("reverse_step_multistep x0 " + where + " (exact)", x0.flatten(1), want_x0, 0.0);
+}
+
+// A generator for `device` seeded with `seed`, twice in a row the same draws: on a CPU a fresh
+// generator; on CUDA the default generator, reseeded (nullopt: the ops then draw from it).
+std::optional<at::Generator> seeded_generator(const at::Device& device, uint64_t seed) {
+  if (device.is_cuda()) {
+    at::manual_seed(seed);
+    return std::nullopt;
+  }
+  return at::detail::createCPUGenerator(seed);
 }
 
 // sr3fast::sample with a small C++ denoiser against the loop written out with the op.
@@ -222,21 +240,12 @@ void check_sample(const at::Device& device) {
   };
   sr3fast::SampleOptions sample_options;
   sample_options.clip = 1.0;
-  sample_options.generator = at::detail::createCPUGenerator(7);
   int64_t callbacks = 0;
   sample_options.callback = [&](int64_t, const at::Tensor&) { ++callbacks; };
-  if (device.is_cuda()) {
-    sample_options.generator = std::nullopt;  // the default CUDA generator, reseeded below
-    at::manual_seed(7);
-  }
+  sample_options.generator = seeded_generator(device, 7);
   const auto got = sr3fast::sample(denoise, x, y_T, coefs, gammas, sample_options);
 
-  if (device.is_cuda()) {
-    at::manual_seed(7);
-  }
-  std::optional<at::Generator> generator =
-      device.is_cuda() ? std::nullopt
-                       : std::optional<at::Generator>(at::detail::createCPUGenerator(7));
+  const auto generator = seeded_generator(device, 7);
   auto y = y_T.clone();
   for (int64_t i = 0; i < steps; ++i) {
     const auto eps = denoise(x, y, gammas[i]);
@@ -249,16 +258,19 @@ void check_sample(const at::Device& device) {
   failures += callbacks == steps ? 0 : 1;
 }
 
-// The multistep loop (SampleOptions::multistep) against the loop written out with the
-// multistep op, x0 carried from step to step from zeros; (T, B, 6) tables, m2 = 0 at step 0.
-void check_sample_multistep(const at::Device& device) {
+// The multistep loop (SampleOptions::history 1 or 2) against the loop written out with the
+// multistep op, the histories shifted from step to step from zeros; (T, B, 7) tables, m2 = 0 at
+// step 0, m3 = 0 at steps 0 and 1 (as the 3M tables have it), m3 nonzero after: a loop that
+// skipped the shift, or carried x0_prev as x0_prev2, would end elsewhere.
+void check_sample_multistep(const at::Device& device, int history) {
   const auto options = at::TensorOptions().device(device);
   at::manual_seed(4);
   const int64_t steps = 6, batch = 2;
   const auto x = at::randn({batch, 3, 5, 4}, options), y_T = at::randn({batch, 3, 5, 4}, options);
-  auto coefs = at::rand({steps, batch, 6}, options).add(0.5);
+  auto coefs = at::rand({steps, batch, 7}, options).add(0.5);
   coefs.select(0, steps - 1).select(1, 4).zero_();  // the last step adds no noise
   coefs.select(0, 0).select(1, 5).zero_();          // the first has no history
+  coefs.narrow(0, 0, 2).select(2, 6).zero_();       // nor the second a second history
   const auto gammas = at::rand({steps, batch}, options);
   const sr3fast::Denoiser denoise = [](const at::Tensor& cond, const at::Tensor& y,
                                        const at::Tensor& gamma) {
@@ -266,31 +278,26 @@ void check_sample_multistep(const at::Device& device) {
   };
   sr3fast::SampleOptions sample_options;
   sample_options.clip = 1.0;
-  sample_options.multistep = true;
-  if (device.is_cuda()) {
-    at::manual_seed(8);  // the default CUDA generator
-  } else {
-    sample_options.generator = at::detail::createCPUGenerator(8);
-  }
+  sample_options.history = history;
+  sample_options.generator = seeded_generator(device, 8);
   const auto got = sr3fast::sample(denoise, x, y_T, coefs, gammas, sample_options);
 
-  if (device.is_cuda()) {
-    at::manual_seed(8);
-  }
-  std::optional<at::Generator> generator =
-      device.is_cuda() ? std::nullopt
-                       : std::optional<at::Generator>(at::detail::createCPUGenerator(8));
+  const auto generator = seeded_generator(device, 8);
   auto y = y_T.clone();
-  auto x0_prev = at::zeros_like(y);
+  auto x0_prev = at::zeros_like(y), x0_prev2 = at::zeros_like(y);
   for (int64_t i = 0; i < steps; ++i) {
     const auto eps = denoise(x, y, gammas[i]);
     const auto z =
         i == steps - 1 ? at::zeros_like(y) : at::randn(y.sizes(), generator, y.options());
-    std::tie(y, x0_prev) = op<ReverseStepMultistep>("sr3fast::reverse_step_multistep")
-                               .call(y, eps, coefs[i], x0_prev, z, 1.0, std::nullopt);
+    at::Tensor x0;
+    std::tie(y, x0) = op<ReverseStepMultistep>("sr3fast::reverse_step_multistep")
+                          .call(y, eps, coefs[i], x0_prev, z, 1.0, std::nullopt,
+                                history == 2 ? Optional(x0_prev2) : std::nullopt);
+    x0_prev2 = x0_prev;
+    x0_prev = x0;
   }
-  expect_close(std::string("sample multistep ") + (device.is_cuda() ? "cuda" : "cpu") +
-                   " (exact)",
+  expect_close(std::string("sample ") + (device.is_cuda() ? "cuda" : "cpu") + " history " +
+                   std::to_string(history) + " (exact)",
                got, y, 0.0);
 }
 
@@ -308,9 +315,11 @@ int main() {
     check_groupnorm_silu(device, false);
     check_groupnorm_silu(device, true);
     check_reverse_step(device);
-    check_reverse_step_multistep(device);
     check_sample(device);
-    check_sample_multistep(device);
+    for (const int history : {1, 2}) {
+      check_reverse_step_multistep(device, history);
+      check_sample_multistep(device, history);
+    }
   }
   std::printf("%d failure(s)\n", failures);
   return failures == 0 ? 0 : 1;

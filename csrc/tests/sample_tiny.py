@@ -31,9 +31,11 @@ from sr3fast.export import export, load_package, save_sampling_inputs
 
 # (sampler, respaced steps, seed, whether the inputs carry y_T): posterior clips and adds noise,
 # ddim neither (no "clip" key, stochastic False), sr3 starts from a given y_T; the multistep
-# solvers carry x0 from step to step ("multistep" True), dpmpp_2m_sde adding noise as well.
+# solvers carry x0 from step to step ("history" 1 for 2M, 2 for 3M), the SDE forms adding noise
+# as well.
 CASES = [("posterior", 8, 1, False), ("ddim", 8, 2, False), ("sr3", 5, 3, True),
-         ("dpmpp_2m", 6, 4, False), ("dpmpp_2m_sde", 6, 5, False)]
+         ("dpmpp_2m", 6, 4, False), ("dpmpp_2m_sde", 6, 5, False), ("dpmpp_3m", 6, 6, False),
+         ("dpmpp_3m_sde", 6, 7, False)]
 PYTHON_BACKENDS = ("cpu", "reference")  # the first must match the program exactly; so must all
 
 
@@ -109,7 +111,31 @@ def check_errors(program: str, work: Path, package: Path) -> list[str]:
                         f"{missing.returncode}: {missing.stderr!r}")
     if (work / "broken.y0.pt").exists() or (work / "broken.y0.pt.tmp").exists():
         failures.append("a failed run left an output file behind")
+    record = torch.load(work / "dpmpp_3m.inputs.pt")
+    record["history"] = torch.tensor(3)
+    torch.save(record, broken)
+    deep = run_program(program, str(package), str(broken), str(work / "broken.y0.pt"))
+    print(f"   history 3: exit {deep.returncode}: {deep.stderr.strip()!r}")
+    if deep.returncode != 1 or '"history" must be 0, 1 or 2, got 3' not in deep.stderr:
+        failures.append(f"history 3 should exit 1 saying what history may be, got "
+                        f"{deep.returncode}: {deep.stderr!r}")
     return failures
+
+
+def check_older_inputs(program: str, work: Path, package: Path) -> list[str]:
+    """A file from before "history" (the bool "multistep" only, true for 2M) runs as history 1:
+    the same y_0 as the current file of the same sampler and seed."""
+    record = torch.load(work / "dpmpp_2m.inputs.pt")
+    del record["history"]
+    older = work / "older.inputs.pt"
+    torch.save(record, older)
+    output = work / "older.y0.pt"
+    result = run_program(program, str(package), str(older), str(output))
+    if result.returncode != 0:
+        return [f"an inputs file with only 'multistep': exit {result.returncode}: {result.stderr}"]
+    same = torch.equal(torch.load(output), torch.load(work / "dpmpp_2m.y0.pt"))
+    print(f"   'multistep' only (older file): {'same y_0 as history 1' if same else 'DIFFERENT'}")
+    return [] if same else ["an inputs file with only 'multistep' true did not run as history 1"]
 
 
 def main(program: str, work_dir: str) -> int:
@@ -129,6 +155,7 @@ def main(program: str, work_dir: str) -> int:
     for case in CASES:
         failures += check_case(program, work, package, runner, schedule, case)
     failures += check_errors(program, work, package)
+    failures += check_older_inputs(program, work, package)
     for failure in failures:
         print("FAILED:", failure)
     print("all agree" if not failures else f"{len(failures)} failure(s)")
