@@ -119,44 +119,46 @@ def _attention_sr3fast(q, k, v):
 
 
 # reverse_step: x0 = clamp(a·y − b·eps), y_prev = m0·x0 + m1·y + sigma·z, z drawn per call;
-# multistep cases add the history term m2·x0_prev and return (y_prev, x0) (DPM-Solver++ 2M).
+# multistep cases add the history term m2·x0_prev (DPM-Solver++ 2M; history 2 also m3·x0_prev2,
+# 3M) and return (y_prev, x0).
 # The sampling state is float32 on every device (as sr3fast.diffusion keeps it).
 
-def _reverse_step_case(batch: int, size: int, multistep: bool = False) -> OpCase:
+def _reverse_step_case(batch: int, size: int, history: int = 0) -> OpCase:
     def make_inputs(device, dtype):
         generator = torch.Generator(device=device).manual_seed(0)
         shape = (batch, 3, size, size)
         y_t = torch.randn(shape, generator=generator, device=device, dtype=dtype)
         eps = torch.randn(shape, generator=generator, device=device, dtype=dtype)
-        coefs = torch.rand((batch, 6 if multistep else 5), generator=generator, device=device) + 0.5
+        coefs = torch.rand((batch, 5 + history), generator=generator, device=device) + 0.5
         inputs = {"y_t": y_t, "eps": eps, "coefs": coefs}
-        if multistep:
-            inputs["x0_prev"] = torch.rand(shape, generator=generator, device=device, dtype=dtype)
+        for name in ("x0_prev", "x0_prev2")[:history]:
+            inputs[name] = torch.rand(shape, generator=generator, device=device, dtype=dtype)
         return inputs
 
-    def work(dtype):  # read y_t and eps (and x0_prev), write y_prev (and x0); z is not read
-        elements = 5 if multistep else 3
-        return (elements * batch * 3 * size * size * _itemsize(dtype)
-                + batch * (6 if multistep else 5) * 4)
+    def work(dtype):  # read y_t, eps and the history, write y_prev (and x0); z is not read
+        elements = 3 + history + (history > 0)
+        return elements * batch * 3 * size * size * _itemsize(dtype) + batch * (5 + history) * 4
 
-    label = f"{batch}x3x{size}x{size}{' multistep' if multistep else ''}"
+    label = f"{batch}x3x{size}x{size}{('', ' multistep', ' multistep-3m')[history]}"
     return OpCase("reverse_step", label, (batch, 3, size, size), make_inputs, "GB/s", work,
                   dtype_on_gpu=torch.float32)
 
 
-def _reverse_step_torch(y_t, eps, coefs, x0_prev=None):
+def _reverse_step_torch(y_t, eps, coefs, x0_prev=None, x0_prev2=None):
     a, b, m0, m1, sigma = coefs[:, :5, None, None, None].unbind(1)
     x0 = (a * y_t - b * eps).clamp(-1.0, 1.0)
     if x0_prev is None:
         return m0 * x0 + m1 * y_t + sigma * torch.randn_like(y_t)
-    m2 = coefs[:, 5, None, None, None]
-    return m0 * x0 + m1 * y_t + m2 * x0_prev + sigma * torch.randn_like(y_t), x0
+    y_prev = m0 * x0 + m1 * y_t + coefs[:, 5, None, None, None] * x0_prev
+    if x0_prev2 is not None:
+        y_prev = y_prev + coefs[:, 6, None, None, None] * x0_prev2
+    return y_prev + sigma * torch.randn_like(y_t), x0
 
 
-def _reverse_step_sr3fast(y_t, eps, coefs, x0_prev=None):
+def _reverse_step_sr3fast(y_t, eps, coefs, x0_prev=None, x0_prev2=None):
     if x0_prev is None:
         return ops.reverse_step(y_t, eps, coefs, None, 1.0)
-    return ops.reverse_step(y_t, eps, coefs, None, 1.0, x0_prev=x0_prev)
+    return ops.reverse_step(y_t, eps, coefs, None, 1.0, x0_prev=x0_prev, x0_prev2=x0_prev2)
 
 
 # conv2d: the U-Net's 3x3 convolutions (about 90% of a CPU step). Inputs NCHW, as the op takes
@@ -206,7 +208,8 @@ NOTES = {
     "attention": "torch = F.scaled_dot_product_attention (its own kernel choice); sdpa:<kernel> "
                  "forces one; torch.compile compiles the explicit softmax(q kᵀ/√d) v",
     "reverse_step": "clip 1, z drawn per call (in-kernel where fused); float32 state; "
-                    "multistep: + m2·x0_prev, x0 returned (2 more elements of traffic)",
+                    "multistep: + m2·x0_prev, x0 returned (2 more elements of traffic); "
+                    "multistep-3m: + m3·x0_prev2 too (3 more)",
     "conv2d": "3x3, padding 1, NCHW inputs; sr3fast:cpu prepacks the weight once and runs "
               "channels-last (its time includes converting x)",
 }
@@ -223,7 +226,8 @@ CASES = (
     _reverse_step_case(1, 128),
     _reverse_step_case(16, 128),
     _reverse_step_case(1, 512),
-    _reverse_step_case(1, 512, multistep=True),
+    _reverse_step_case(1, 512, history=1),
+    _reverse_step_case(1, 512, history=2),
     _conv2d_case(1, 64, 128),
     _conv2d_case(1, 128, 64),
     _conv2d_case(1, 256, 32),

@@ -33,7 +33,7 @@ Scopes
                    groupnorm_silu in fp32 at one problem per path and layout (with the attention
                    norm's loop path, which once failed to compile), resblock and attn_norm flags;
                    attention (NCHW views) at d=512, L=256 and at the odd-sized L=15x15, and
-                   reverse_step, in fp32 and bf16. ~93 compiles: ~75 s on 2 cores.
+                   reverse_step, in fp32 and bf16. ~101 compiles (~75 s on 2 cores at 93).
 
 Variants
   groupnorm_silu  SR3's GroupNorms (the U-Nets of DESIGN.md Table A.1, 32 or 16 groups, batch 1 to

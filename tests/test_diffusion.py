@@ -392,7 +392,7 @@ def test_tables_layout(public_schedule, sampler):
     schedule = respace(public_schedule, 10)
     coefs = reverse_coefficients(schedule, sampler, 3)
     gammas = noise_levels(schedule, 3, "cpu")
-    assert coefs.shape == (10, 3, 6) and coefs.dtype == torch.float32 and coefs.is_contiguous()
+    assert coefs.shape == (10, 3, 7) and coefs.dtype == torch.float32 and coefs.is_contiguous()
     assert gammas.shape == (10, 3) and gammas.dtype == torch.float32 and gammas.is_contiguous()
     assert (coefs == coefs[:, :1]).all() and (gammas == gammas[:, :1]).all()  # same for every sample
     g_T = schedule.gammas[-1].item()
@@ -653,7 +653,7 @@ def test_the_chain_runs_every_step_in_order(public_schedule, sampler, eta, monke
         scale = torch.tensor([a, b, m0 + m1 * (1 + math.sqrt(g)) + 1, m1 + 1, sigma + 1], dtype=torch.float64)
         assert ((coefs[..., :5].double() - want).abs() <= 4 * EPS32 * scale).all(), \
             f"step {i} (t = {t}) ran coefficients {coefs[0].tolist()}, not {want.tolist()}"
-        assert coefs.shape[-1] == 5 or (coefs[..., 5] == 0).all(), f"step {i}: a history term (m2)"
+        assert coefs.shape[-1] == 5 or (coefs[..., 5:] == 0).all(), f"step {i}: a history term (m2, m3)"
         previous = y_T if i == 0 else recorded[i - 1][4]
         assert torch.equal(y_t, previous), f"step {i} did not start from step {i - 1}'s output"
         fresh = torch.randn(x.shape, generator=draws) if stochastic and t > 1 else torch.zeros_like(y_T)
