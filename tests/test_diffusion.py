@@ -398,8 +398,9 @@ def test_tables_layout(public_schedule, sampler):
     g_T = schedule.gammas[-1].item()
     assert gammas[0, 0].item() == pytest.approx(g_T, rel=EPS32)  # row 0 is step T
     assert coefs[0, 0, 0].item() == pytest.approx(g_T ** -0.5, rel=EPS32)
-    assert coefs[-1, 0, 2:].tolist() == [1.0, 0.0, 0.0, 0.0]  # t = 1: y_0 is the x0 estimate
-    assert coefs[0, 0, 5].item() == 0.0                      # step T: no history yet
+    assert coefs[-1, 0, 2:].tolist() == [1.0, 0.0, 0.0, 0.0, 0.0]  # t = 1: y_0 is the x0 estimate
+    assert coefs[0, 0, 5:].tolist() == [0.0, 0.0]            # step T: no history yet
+    assert coefs[1, 0, 6].item() == 0.0                      # step T - 1: one step of history
 
 
 def test_sampler_builds_each_table_once_and_steps_through_views(public_schedule, monkeypatch):
