@@ -112,6 +112,19 @@ def log_snr(gammas: torch.Tensor) -> torch.Tensor:
     return 0.5 * (gammas.log() - torch.log1p(-gammas))
 
 
+def _exponential_step(s: NoiseSchedule, eta: float):
+    """What every DPM-Solver++ row shares, per step from g to g' (schedule order): (a, b) of
+    the x0 estimate, alpha', h = lambda' - lambda (inf on the last step, t = 1), the weight of y,
+    m1 = (sigma'/sigma)·e^(-eta·h), and the noise scale sigma'·sqrt(1 - e^(-2·eta·h))."""
+    a, b = _x0_from_eps(s)
+    g, g_next = s.gammas, s.gammas_prev          # step t goes from g_t to g_{t-1}; t = 1 ends at 1
+    alpha_next, sigma, sigma_next = g_next.sqrt(), (1 - g).sqrt(), (1 - g_next).sqrt()
+    h = log_snr(g_next) - log_snr(g)
+    m1 = sigma_next / sigma * torch.exp(-eta * h)
+    noise = sigma_next * (-torch.expm1(-2 * eta * h)).sqrt()
+    return a, b, alpha_next, h, m1, noise
+
+
 def _dpmpp_rows(s: NoiseSchedule, eta: float) -> torch.Tensor:
     """DPM-Solver++(2M) (Lu et al. 2022b, Algorithm 2: multistep, second order, data
     prediction), with eta > 0 its SDE form (the "midpoint" SDE-DPM-Solver++(2M) of
@@ -130,14 +143,8 @@ def _dpmpp_rows(s: NoiseSchedule, eta: float) -> torch.Tensor:
     if not 0 <= eta <= 1:
         raise ValueError(f"dpmpp_2m_sde: eta must lie in [0, 1] (0: the ODE solver dpmpp_2m, "
                          f"1: the SDE), got {eta!r}")
-    a, b = _x0_from_eps(s)
-    g, g_next = s.gammas, s.gammas_prev          # step t goes from g_t to g_{t-1}; t = 1 ends at 1
-    alpha_next, sigma, sigma_next = g_next.sqrt(), (1 - g).sqrt(), (1 - g_next).sqrt()
-    h = log_snr(g_next) - log_snr(g)             # inf on the last step (t = 1)
-    decay = torch.exp(-eta * h)
-    m1 = sigma_next / sigma * decay
+    a, b, alpha_next, h, m1, noise = _exponential_step(s, eta)
     weight = alpha_next * -torch.expm1(-(1 + eta) * h)
-    noise = sigma_next * (-torch.expm1(-2 * eta * h)).sqrt()
     # r_t = h_{t+1}/h_t: the previous loop step is diffusion step t + 1; none for t = T
     r = torch.full_like(h, math.inf)
     r[:-1] = h[1:] / h[:-1]
@@ -170,20 +177,15 @@ def _dpmpp_3m_rows(s: NoiseSchedule, eta: float) -> torch.Tensor:
     2 wherever x0 changes over that step (tests/test_samplers_multistep.py measures 4.1 on
     Gaussian data, where it hardly does, and 2 on a nonlinear stand-in; the SDE form is second
     order in distribution). The second step takes the linear interpolant (c2 = 0), and so does
-    the one before the last, where the steps to lambda = inf end (lower_order_final of the reference code: a quadratic extrapolated
-    over the steps' widely varying ratios there is unstable at few steps); the last step gives
-    y_0 = D_1, as in _dpmpp_rows. m2 and m3 are the weights of D_{i-1} and D_{i-2}.
+    the one before the last, where the steps to lambda = inf end (lower_order_final of the
+    reference code: a quadratic extrapolated over the steps' widely varying ratios there is
+    unstable at few steps); the last step gives y_0 = D_1, as in _dpmpp_rows. m2 and m3 are the weights of D_{i-1} and D_{i-2}.
     """
     if not 0 <= eta <= 1:
         raise ValueError(f"dpmpp_3m_sde: eta must lie in [0, 1] (0: the ODE solver dpmpp_3m, "
                          f"1: the SDE), got {eta!r}")
-    a, b = _x0_from_eps(s)
-    g, g_next = s.gammas, s.gammas_prev          # step t goes from g_t to g_{t-1}; t = 1 ends at 1
-    alpha_next, sigma, sigma_next = g_next.sqrt(), (1 - g).sqrt(), (1 - g_next).sqrt()
-    h = log_snr(g_next) - log_snr(g)             # inf on the last step (t = 1)
+    a, b, alpha_next, h, m1, noise = _exponential_step(s, eta)
     kappa = 1 + eta
-    m1 = sigma_next / sigma * torch.exp(-eta * h)
-    noise = sigma_next * (-torch.expm1(-2 * eta * h)).sqrt()
     i0 = -torch.expm1(-kappa * h)
     i1 = h - i0 / kappa
     i2 = h.square() - 2 * h / kappa + 2 * i0 / kappa ** 2
